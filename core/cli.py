@@ -119,10 +119,12 @@ def run_generate(
     seed: Optional[int],
     stop: List[str],
     as_json: bool,
-    out=sys.stdout,
-    err=sys.stderr,
+    out=None,
+    err=None,
 ) -> dict[str, Any]:
     """What ``moedec generate`` does; returns the result dict (tokens, text, stats)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     from moedec.api import resolve_strategy, stream_generate
     from moedec.models import load
     from moedec.options import parse_cli_options

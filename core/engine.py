@@ -87,6 +87,7 @@ class Decoder:
         self.forwards = self.drafted = self.accepted = 0
         self.finish_reason = "length"
         self.pieces: list[str] = []
+        self.held = ""  # streamed text held back because it may begin a stop string
         self.result: Optional[Generation] = None
         self._trim_checked = False
 
@@ -123,18 +124,17 @@ class Decoder:
             self._finish(t0, t0)
             return
         first = self._prefill()  # lazy [] token id
-        fast = self._pipelinable()
-        if fast:
+        if self._pipelinable():
             mx.async_eval(first)
-        else:
-            first = int(first.item())
-        t1 = time.perf_counter()
-        self._call("prefill", state=st)
-        st.prompt_hidden = None
-        if fast:
+            t1 = time.perf_counter()
+            st.prompt_hidden = None
             yield from self._pipelined(first)
         else:
+            first = int(first.item())
+            t1 = time.perf_counter()
             chunk = self._commit([first])
+            self._call("prefill", state=st)
+            st.prompt_hidden = None
             if chunk is not None:
                 yield chunk
         while self.finish_reason == "running":
@@ -160,11 +160,11 @@ class Decoder:
         return st.sample(logits[-1])
 
     def _pipelinable(self) -> bool:
-        """True when only the engine's defaults take part in a step: nobody drafts, overrides or
-        observes ``verify``/``accept``/``on_accept``. Then, as mlx-lm does, the next forward is built
+        """True when only the engine's defaults take part: no strategy or observer implements any
+        strategy-level hook. Then, as mlx-lm does, the next forward is built
         on the still-lazy token and queued before this one is read back, hiding graph-building time.
         Results are identical to the plain loop (same forwards, same sampling key sequence)."""
-        for hook in ("draft", "verify", "accept", "on_accept"):
+        for hook in hookspecs.STRATEGY_HOOKS:
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
                 if not isinstance(impl.plugin, EngineDefaults):
                     return False
@@ -267,28 +267,29 @@ class Decoder:
             text = self.text.add(emitted)
             if self.stop:
                 text = self._apply_stop(text)
-        if self.finish_reason == "eos" and self.text is not None:
-            text += self.text.flush()
+        if self.finish_reason in ("eos", "length") and self.text is not None:
+            text += self.held + self.text.flush()
+            self.held = ""
         if text:
             self.pieces.append(text)
         return Chunk(tokens=emitted, text=text) if emitted or text else None
 
     def _apply_stop(self, new_text: str) -> str:
-        before = "".join(self.pieces)
-        full = before + new_text
-        hits = [i for i in (full.find(s, max(len(before) - len(s) + 1, 0)) for s in self.stop) if i >= 0]
-        if not hits:
-            return new_text
-        self.finish_reason = "stop"
-        cut = min(hits)
-        if cut < len(before):  # the stop string began in text already streamed: cannot unsay it
-            return ""
-        return full[len(before) : cut]
+        """Cut at the first stop string; hold back a tail that may still become one."""
+        buf = self.held + new_text
+        hits = [i for i in (buf.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            self.held = ""
+            return buf[: min(hits)]
+        hold = max((n for s in self.stop for n in range(1, len(s)) if buf.endswith(s[:n])), default=0)
+        self.held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
 
     def _finish(self, t0: float, t1: float) -> None:
         st = self.state
-        if self.text is not None and self.finish_reason in ("length", "running"):
-            tail = self.text.flush()
+        if self.text is not None and self.finish_reason == "running":  # stopped by the consumer
+            tail = self.held + self.text.flush()
             if tail:
                 self.pieces.append(tail)
         if self.finish_reason == "running":

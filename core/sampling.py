@@ -108,9 +108,9 @@ def speculative_accept(
     Returns ``(tokens, num_accepted)``.
     """
     k = len(draft)
+    if k == 0:  # a plain step: the same draw as the engine's single-token path
+        return [int(sample(p[0], key).item())], 0
     k_u, k_s = mx.random.split(key)
-    if k == 0:
-        return [int(sample(p[0], k_s).item())], 0
     vocab = p.shape[-1]
     q = one_hot(draft, vocab) if q is None else mx.array(q).astype(mx.float32).reshape(k, vocab)
     idx = mx.array(list(draft), dtype=mx.int32)
