@@ -12,3 +12,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped unless MLX runs on a GPU with a fused backend."""
+    import pytest
+
+    from moedec.kernels import BACKENDS, device_backend
+
+    if device_backend() in BACKENDS:
+        return
+    skip = pytest.mark.skip(reason="needs MLX on a GPU (CUDA); run on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
