@@ -22,6 +22,11 @@ from moedec.errors import MoedecError
 
 KERNELS = ("auto", "stock", "fused")
 
+#: Backends that ``auto`` picks. Empty until a fused backend is measured faster than stock end to
+#: end: on an H200 (2026-11-25) the CUDA kernel ran the T=1 MoE layer in 209 us against stock's
+#: 168 us (docs/benchmarks.md), so ``auto`` keeps the stock path and ``fused`` must be asked for.
+AUTO_BACKENDS: frozenset[str] = frozenset()
+
 # backend name -> (why_not(switch, x, indices) -> reason | None, run(switch, x, indices) -> y)
 BACKENDS: dict[str, tuple[Callable, Callable]] = {}
 
@@ -65,8 +70,8 @@ def switch_layers(model) -> list:
 def patch(model, kernel: str = "auto") -> int:
     """Route the model's ``SwitchGLU`` calls through ``kernel`` (``auto``/``stock``/``fused``).
 
-    ``auto``: fused where this device has a fused backend, else stock. ``fused`` on a device
-    without one is an error. Returns how many layers dispatch to a fused backend. Idempotent;
+    ``auto``: fused where this device has a fused backend measured faster than stock
+    (:data:`AUTO_BACKENDS`), else stock. ``fused`` on a device without one is an error. Returns how many layers dispatch to a fused backend. Idempotent;
     ``patch(model, "stock")`` undoes it.
     """
     if kernel not in KERNELS:
@@ -76,7 +81,12 @@ def patch(model, kernel: str = "auto") -> int:
         raise MoedecError(
             f"the fused MoE kernel needs MLX's CUDA backend (this device: {backend or 'cpu'}); use --kernel stock"
         )
-    use = backend if kernel != "stock" and backend in BACKENDS else None
+    if kernel == "fused":
+        use = backend
+    elif kernel == "auto" and backend in AUTO_BACKENDS:
+        use = backend
+    else:
+        use = None
     layers = switch_layers(model)
     if kernel == "fused" and not layers:
         raise MoedecError("this model has no SwitchGLU expert layers for the fused kernel")

@@ -94,14 +94,15 @@ def test_fused_eligibility_reasons():
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 def test_fused_matches_reference(bits, group, dtype):
+    """Each (bits, group, dtype, MAXC) variant is JIT-compiled once: keep the T list short."""
     from moedec.kernels.fused import fused_switch_glu
 
     sw = make_switch(d=512, n=384, e=16, bits=bits, group=group, dtype=dtype)
     rng = np.random.default_rng(bits * group)
-    for t in range(1, 17):
+    for t in (1, 3, 8, 16):
         k = 4
         # random routings with repeats across tokens: experts drawn from a small pool
-        idx = mx.array(np.stack([rng.choice(6, size=k, replace=False) for _ in range(t)]))[None]
+        idx = mx.array(np.stack([rng.choice(6, size=k, replace=False) for _ in range(t)]).astype(np.uint32))[None]
         x = (mx.random.normal((1, t, 512)) * 0.5).astype(dtype)
         ref = SwitchGLU.__call__(sw, x, idx).astype(mx.float32)
         got = fused_switch_glu(sw, x, idx).astype(mx.float32)
