@@ -6,7 +6,7 @@ markers :data:`hookimpl` / :data:`hookspec`, and the records passed to and from 
 
 from __future__ import annotations
 
-from .api import generate, stream_generate
+from .api import generate, generate_batch, stream_generate
 from .errors import MoedecError, PluginError
 from .hookspecs import hookimpl, hookspec
 from .models import load
@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptance", "Chunk", "DecodeState", "Draft", "Generation", "GenerationStats", "MoedecError",
-    "PluginError", "SamplingParams", "Verification", "generate", "hookimpl", "hookspec", "in_range",
+    "PluginError", "SamplingParams", "Verification", "generate", "generate_batch", "hookimpl", "hookspec", "in_range",
     "load", "stream_generate",
 ]

@@ -66,6 +66,7 @@ def stream_generate(
     eos_token_ids: Optional[Sequence[int]] = None,
     max_draft: int = 32,
     plugins: Sequence[object] = (),
+    kernel: str = "auto",
     **options: Any,
 ) -> Decoder:
     """A :class:`~moedec.engine.Decoder`: iterate it for :class:`~moedec.Chunk` s as each step
@@ -78,6 +79,9 @@ def stream_generate(
     except ValueError as e:
         raise MoedecError(f"bad sampling setting: {e}") from None
     instance, label = resolve_strategy(strategy, options)
+    from moedec.kernels import patch
+
+    patch(model, kernel)  # the fused MoE kernel where it runs (CUDA), else mlx-lm's stock path
     observers = [*get_manager().observers(), *plugins]
     return Decoder(
         model, ids, instance, strategy_label=label, sampling=sampling, max_tokens=max_tokens,
@@ -102,6 +106,7 @@ def generate(
     eos_token_ids: Optional[Sequence[int]] = None,
     max_draft: int = 32,
     plugins: Sequence[object] = (),
+    kernel: str = "auto",
     **options: Any,
 ) -> Generation:
     """Generate from ``prompt`` with a decoding ``strategy``; returns a :class:`~moedec.Generation`.
@@ -114,11 +119,13 @@ def generate(
     Generation stops at ``max_tokens``, an EOS id (the tokenizer's unless ``eos_token_ids`` is
     given; EOS itself is not returned) or a ``stop`` string (the text is cut before it).
     ``plugins``: extra observer objects for this call (e.g. ``wrapper=True`` hook implementations).
+    ``kernel``: the MoE expert kernel, ``auto`` (fused where this device has it, else stock),
+    ``stock`` (mlx-lm's ``SwitchGLU``) or ``fused`` (an error where unavailable).
     """
     dec = stream_generate(
         model, prompt, strategy, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=seed, tokenizer=tokenizer, stop=stop, eos_token_ids=eos_token_ids,
-        max_draft=max_draft, plugins=plugins, **options,
+        max_draft=max_draft, plugins=plugins, kernel=kernel, **options,
     )
     for _ in dec:
         pass
@@ -126,4 +133,42 @@ def generate(
     return dec.result
 
 
-__all__ = ["generate", "stream_generate", "load", "Chunk"]
+def generate_batch(
+    model: Any,
+    prompts: Sequence[str | Sequence[int]],
+    strategy: Any = "batched",
+    *,
+    max_tokens: int | Sequence[int] = 64,
+    temperature: float | Sequence[float] = 0.0,
+    top_p: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+    seed: Optional[int] | Sequence[int] = None,
+    tokenizer: Any = None,
+    stop: Sequence[str] = (),
+    eos_token_ids: Optional[Sequence[int]] = None,
+    max_draft: int = 32,
+    plugins: Sequence[object] = (),
+    kernel: str = "auto",
+    on_result: Any = None,
+    **options: Any,
+) -> list[Generation]:
+    """Generate from every prompt; returns one :class:`~moedec.Generation` per prompt, in order.
+
+    With ``strategy="batched"`` (option ``batch_size``, default 8) up to ``batch_size`` prompts are
+    decoded per forward and a finished row's place goes to the next waiting prompt. Any other
+    strategy runs the prompts one after another. ``max_tokens``, ``temperature``, ``top_p``,
+    ``top_k`` may be one value or one per prompt; ``seed`` an int (row ``i`` uses ``seed + i``), a
+    list (one per row) or ``None``. A row's output depends only on its prompt and its own settings
+    and seed, never on the rows that share its batch. ``on_result(index, generation)`` is called as
+    each row finishes. Other arguments (``kernel`` included) as :func:`generate`.
+    """
+    from .batch import run_batch
+
+    return run_batch(
+        model, prompts, strategy, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, tokenizer=tokenizer, stop=stop, eos_token_ids=eos_token_ids,
+        max_draft=max_draft, plugins=plugins, kernel=kernel, on_result=on_result, **options,
+    )
+
+
+__all__ = ["generate", "generate_batch", "stream_generate", "load", "Chunk"]

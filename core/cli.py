@@ -119,10 +119,13 @@ def run_generate(
     seed: Optional[int],
     stop: List[str],
     as_json: bool,
+    kernel: str = "auto",
     out=None,
     err=None,
+    prompts_file: Optional[str] = None,
 ) -> dict[str, Any]:
-    """What ``moedec generate`` does; returns the result dict (tokens, text, stats)."""
+    """What ``moedec generate`` does; returns the result dict (tokens, text, stats). With
+    ``prompts_file``: one JSON result a line for every prompt in it (see :mod:`moedec.batch_cli`)."""
     out = out or sys.stdout
     err = err or sys.stderr
     from moedec.api import resolve_strategy, stream_generate
@@ -130,6 +133,13 @@ def run_generate(
     from moedec.options import parse_cli_options
 
     instance, _ = resolve_strategy(strategy, parse_cli_options(options))  # fail fast, before loading
+    if prompts_file is not None:
+        if prompt is not None:
+            raise MoedecError("give a PROMPT or --prompts FILE, not both")
+        from moedec.batch_cli import run_prompts_file
+
+        return run_prompts_file(prompts_file, model, strategy, parse_cli_options(options), max_tokens, temp,
+                                top_p, top_k, seed, stop, kernel=kernel, out=out, err=err)
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise MoedecError("no prompt given (pass it as an argument or on stdin)")
@@ -140,7 +150,7 @@ def run_generate(
         print(f"[model: {label}]", file=err)
     dec = stream_generate(
         m, prompt, instance, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
-        seed=seed, tokenizer=tok, stop=stop,
+        seed=seed, tokenizer=tok, stop=stop, kernel=kernel,
     )
     for chunk in dec:
         if not as_json and chunk.text:
@@ -178,10 +188,14 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
+    kernel: str = typer.Option("auto", "--kernel", help="MoE expert kernel: auto, stock or fused (CUDA)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="File of prompts (JSONL {\"prompt\": ...} or one a line; - for stdin): one JSON result a line."),
 ) -> None:
     """Generate text with a decoding strategy, streaming it as it is decoded."""
     _warn_plugin_failures()
-    run_generate(prompt, model, strategy, option, max_tokens, temp, top_p, top_k, seed, stop, as_json)
+    run_generate(prompt, model, strategy, option, max_tokens, temp, top_p, top_k, seed, stop, as_json, kernel,
+                 prompts_file=prompts)
+
 
 
 def main() -> None:
