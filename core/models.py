@@ -117,13 +117,26 @@ def default_model():
     return model, tok
 
 
+#: Where the trained default model ships, as package data (docs/default-model.md).
+BUNDLED_DIR = Path(__file__).resolve().parent / "default_model"
+BUNDLED_LABEL = "bundled default model (glm4_moe MoE + MTP layer, trained on the Python standard library; see docs/default-model.md)"
+
+
+def bundled_model():
+    """``(model, tokenizer)``: the trained model shipped in :data:`BUNDLED_DIR`."""
+    model, tok = load(BUNDLED_DIR)
+    model.moedec_label = BUNDLED_LABEL
+    return model, tok
+
+
 def load(path: Optional[str | Path] = None):
-    """``(model, tokenizer)`` from a local mlx-lm model directory; ``None``: the built-in model.
+    """``(model, tokenizer)`` from a local mlx-lm model directory; ``None``: the bundled trained
+    model when the package ships one (:data:`BUNDLED_DIR`), else the built-in random model.
 
     Never touches the network: a path that does not exist is an error.
     """
     if path is None:
-        return default_model()
+        return bundled_model() if (BUNDLED_DIR / "config.json").is_file() else default_model()
     p = Path(path).expanduser()
     if not p.exists():
         raise MoedecError(f"model path {str(path)!r} does not exist (moedec only loads local models)")
