@@ -148,4 +148,5 @@ def load(path: Optional[str | Path] = None):
         model, tokenizer = mlx_load(str(p))
     except Exception as e:
         raise MoedecError(f"could not load model from {str(path)!r}: {type(e).__name__}: {e}") from e
+    model.moedec_path = str(p.resolve())  # where it came from: strategies that read more of it (mtp)
     return model, tokenizer

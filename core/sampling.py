@@ -38,7 +38,7 @@ def logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
         return x
     if 0.0 < params.top_p < 1.0:
         x = apply_top_p(x, params.top_p)
-    if params.top_k > 0:
+    if 0 < params.top_k < x.shape[-1]:  # top_k >= V keeps everything (mlx-lm would raise)
         x = apply_top_k(x, params.top_k)
     x = x * (1.0 / params.temperature)
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
