@@ -27,7 +27,7 @@ ENTRY_POINT_GROUP = "moedec"
 ENV_LOAD = "MOEDEC_LOAD_PLUGINS"
 
 #: Built-in strategy plugins, registered through the same hook third parties use.
-DEFAULT_PLUGINS: tuple[str, ...] = ("moedec.strategies.single", "moedec.strategies.batched", "moedec.strategies.mtp", "moedec.strategies.eagle")
+DEFAULT_PLUGINS: tuple[str, ...] = ("moedec.strategies.single", "moedec.strategies.prompt_lookup", "moedec.strategies.draft_model", "moedec.strategies.batched", "moedec.strategies.mtp", "moedec.strategies.eagle")
 
 
 @attrs.frozen
