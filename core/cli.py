@@ -197,6 +197,8 @@ def generate(
                  prompts_file=prompts)
 
 
+from .cli_bench import register as _register_bench; _register_bench(app)  # noqa: E402,E702  bench, explain
+
 
 def main() -> None:
     app()
