@@ -44,7 +44,7 @@ def smooth_l1(x: mx.array, y: mx.array, beta: float = 1.0) -> mx.array:
     return mx.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta).mean()
 
 
-def make_heads_loss(target, *, distill: float, eagle_ce: float, noise: float, moe_impl: str, seed: int):
+def make_heads_loss(target, *, distill: float, eagle_ce: float, noise: float, moe_impl: str):
     """``loss_fn(heads, batch [B, T+1], key) -> (loss, (draft_ce, draft_kl, eagle_l1, eagle_ce, eagle_acc))``."""
     lm = target.lm
 

@@ -174,7 +174,7 @@ def mtp_logits(target: Target, hidden: mx.array, next_tokens: mx.array, moe_impl
     return target.lm.lm_head(m.shared_head.norm(g))
 
 
-def target_loss(target: Target, batch: mx.array, mtp_weight: float, moe_impl: str = "dense", key=None):
+def target_loss(target: Target, batch: mx.array, mtp_weight: float, moe_impl: str = "dense"):
     """DeepSeek-V3-style joint loss on ``batch`` [B, T+1]: ``CE(main) + mtp_weight * CE(mtp)``.
 
     Returns ``(loss, (main_ce, mtp_ce, counts [L_moe, E]))``; the MTP term predicts token ``i+2``

@@ -162,7 +162,7 @@ VARIANTS = (("mtp", {"num_draft": 2}), ("draft-model", {"num_draft": 2}), ("eagl
 
 
 def run_strategies(model, tokenizer, model_dir: Path, prompts: list[list[int]], max_tokens: int,
-                   atol: float, variants=()) -> dict[str, Any]:
+                   atol: float, variants=(), deadline: Optional[float] = None) -> dict[str, Any]:
     """Every registered strategy on every prompt (greedy, exactly ``max_tokens`` tokens), then
     ``variants`` (``(name, extra options)``) of registered ones."""
     from moedec.plugins import get_manager
@@ -178,6 +178,10 @@ def run_strategies(model, tokenizer, model_dir: Path, prompts: list[list[int]], 
     runs += [(f"{s} " + " ".join(f"{k}={v}" for k, v in o.items()), s, o) for s, o in variants if s in registered]
     for label, name, extra in runs:
         row: dict[str, Any] = {"options": {**opts.get(name, {}), **extra}}
+        if deadline is not None and time.perf_counter() > deadline and name != "single":
+            row["error"] = "skipped: past the evaluation's time budget"
+            result["results"][label] = row
+            continue
         try:
             gens = [moedec.generate(model, p, name, max_tokens=max_tokens, eos_token_ids=[], **row["options"])
                     for p in prompts]
@@ -234,9 +238,12 @@ def prompt_lookup_edit(model, tokenizer, prompts: list[str], max_tokens: int) ->
 
 # -- driver ---------------------------------------------------------------------------------------------
 
-def evaluate(model_dir: Optional[Path], corpus: Path, *, quick: bool = False, atol: float = 1e-3) -> dict[str, Any]:
-    """All figures as a dict; a section that raises is recorded under ``errors`` and the rest run."""
+def evaluate(model_dir: Optional[Path], corpus: Path, *, quick: bool = False, atol: float = 1e-3,
+             max_seconds: Optional[float] = None) -> dict[str, Any]:
+    """All figures as a dict; a section that raises is recorded under ``errors`` and the rest run.
+    Past ``max_seconds`` the remaining sections (and strategies) are skipped, and say so."""
     t0 = time.perf_counter()
+    deadline = None if max_seconds is None else t0 + max_seconds
     model, tok = moedec.load(None if model_dir is None else str(model_dir))
     model_dir = Path(getattr(model, "moedec_path", "") or moedec.models.BUNDLED_DIR)
     n = dict(seq=128 if quick else 512, held_tokens=4096 if quick else 262144, headers=6 if quick else 50,
@@ -245,6 +252,9 @@ def evaluate(model_dir: Optional[Path], corpus: Path, *, quick: bool = False, at
     res: dict[str, Any] = {"model": str(model_dir), "device": str(mx.default_device()), "settings": n, "errors": {}}
 
     def section(name: str, fn) -> None:
+        if deadline is not None and time.perf_counter() > deadline:
+            res["errors"][name] = f"skipped: past the evaluation's {max_seconds:.0f} s"
+            return
         try:
             res[name] = fn()
         except Exception as e:  # keep the other figures: this runs once, on scarce GPU time
@@ -269,7 +279,7 @@ def evaluate(model_dir: Optional[Path], corpus: Path, *, quick: bool = False, at
     prompts = [tok.encode("\n".join(f["source"].splitlines()[:8]) + "\n")[: n["prompt_max"]]
                for f in spread(funcs, n["accept_prompts"])]
     section("strategies", lambda: run_strategies(model, tok, model_dir, prompts, n["accept_tokens"], atol,
-                                                 variants=() if quick else VARIANTS))
+                                                 variants=() if quick else VARIANTS, deadline=deadline))
     small = [f for f in funcs if 6 <= f["source"].count("\n") <= 24]
     edits = edit_prompts(spread(small, 4 * n["edit_prompts"]), tok, n["prompt_max"])[: n["edit_prompts"]]
     section("edit", lambda: prompt_lookup_edit(model, tok, edits, n["edit_tokens"]))
@@ -325,8 +335,9 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="few prompts, short outputs (CPU smoke test)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="skip what remains after this long")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.corpus, quick=a.quick)
+    res = evaluate(a.model, a.corpus, quick=a.quick, max_seconds=a.max_seconds)
     if a.out:
         a.out.write_text(json.dumps(res, indent=1))
     print(summary(res))

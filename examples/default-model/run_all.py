@@ -1,8 +1,10 @@
 """Build the default model end to end: corpus -> tokenizer -> training -> export -> evaluation.
 
-GPU run (MLX CUDA; one H100 or H200), from the repository root::
+GPU run (MLX CUDA; one H100 or H200), from the repository root (about 5 min of corpus, tokenizer
+and training, then at most 2.5 min of evaluation)::
 
-    python examples/default-model/run_all.py --work /tmp/dm --time-budget 270 --pack $OUT
+    python examples/default-model/run_all.py --work /tmp/dm --time-budget 270 --max-seconds 390 \
+        --eval-max-seconds 150 --pack $OUT
 
 CPU smoke test (minutes, tiny model, a subset of the corpus)::
 
@@ -72,6 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--max-seconds", type=float, default=None, help="stop training (resumable) after this long")
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--eval-max-seconds", type=float, default=None, help="skip the evaluation's rest after this long")
     ap.add_argument("--pack", type=Path, default=None, help="write default_model.tar.NN + logs.tar here")
     ap.add_argument("--install", type=Path, default=None, help="copy the exported model here")
     a = ap.parse_args(argv)
@@ -119,7 +122,7 @@ def main(argv=None) -> None:
         try:
             from evaluate import evaluate, summary
 
-            res = evaluate(export_dir, corpus, quick=a.tiny)
+            res = evaluate(export_dir, corpus, quick=a.tiny, max_seconds=a.eval_max_seconds)
             res["run"] = json.loads((work / "run.json").read_text()).get("reproduce")
             (work / "eval.json").write_text(json.dumps(res, indent=1))
             text = summary(res)

@@ -104,7 +104,7 @@ def train(work: Path, corpus: Path, tokenizer_dir: Path, *, size: str = "default
 
     # phase 2: draft + EAGLE, distilled from the frozen target
     heads = build_heads(size, vocab, seed)
-    loss2 = make_heads_loss(target, distill=DISTILL, eagle_ce=EAGLE_CE, noise=EAGLE_NOISE, moe_impl=moe_impl, seed=seed)
+    loss2 = make_heads_loss(target, distill=DISTILL, eagle_ce=EAGLE_CE, noise=EAGLE_NOISE, moe_impl=moe_impl)
     left = None if time_budget is None else max(0.2 * time_budget, time_budget - r1["elapsed_s"])
     p2 = Phase("heads", heads, loss2, HEADS_COLUMNS, lr=hp["heads_lr"], warmup=hp["heads_warmup"],
                steps=heads_steps, budget_s=left, **common)
