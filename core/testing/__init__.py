@@ -1,9 +1,15 @@
-"""moedec's test kit: tiny random MoE models, an independent oracle, and ``assert_lossless``.
+"""moedec's test kit for strategy authors: tiny random MoE models, an independent oracle,
+``assert_lossless`` and the conformance suite ``check_strategy``.
 
 Lossless at temperature 0 (DESIGN.md): a strategy's tokens equal the single-token greedy decode of
 the same model, as produced by mlx-lm's own ``generate_step`` (independent of moedec's engine). At
 the first difference the oracle's logits must show a near-tie: both tokens within ``atol`` of the
-maximum logit; anything else is a bug.
+maximum logit; anything else is a bug. At temperature > 0 lossless means the output *distribution*
+equals the target's; :mod:`moedec.testing.distribution` tests it exactly per step and end to end.
+
+Also a pytest plugin, loaded only when asked: ``pytest -p moedec.testing`` (or
+``addopts = "-p moedec.testing"``) adds the fixtures of :mod:`moedec.testing.pytest_plugin`.
+Hypothesis strategies are in :mod:`moedec.testing.st`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import numpy as np
 
 from moedec.models import ARCHS, random_moe
 
-__all__ = ["ARCHS", "tiny_moe", "tiny_models", "oracle_greedy", "Divergence", "compare_greedy",
-           "assert_lossless", "default_prompts"]
+__all__ = ["ARCHS", "tiny_moe", "tiny_models", "small_vocab_model", "oracle_greedy", "Divergence",
+           "compare_greedy", "assert_lossless", "default_prompts", "check_strategy", "ConformanceError",
+           "ConformanceReport", "CHECKS"]
 
 
 def tiny_moe(arch: str = "glm4_moe", seed: int = 0, **overrides: Any):
@@ -40,17 +47,26 @@ def tiny_models(seed: int = 0) -> list:
     return out
 
 
+#: Vocabulary of :func:`small_vocab_model`, the model of the temperature > 0 checks.
+SMALL_VOCAB = 16
+
+
+def small_vocab_model(arch: str = "glm4_moe", seed: int = 0, vocab_size: int = SMALL_VOCAB):
+    """A tiny model with a small vocabulary (cached): drafts match often and each token's
+    probability is large, which makes the distribution tests sharp."""
+    key = (arch, seed, "vocab", vocab_size)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = tiny_moe(arch, seed, vocab_size=vocab_size)
+    return _MODEL_CACHE[key]
+
+
 def default_prompts(vocab_size: int = 256) -> list[list[int]]:
-    """Prompts that make drafters fire (repetition) and some that do not."""
+    """Prompts that make drafters fire (repetition) and some that do not (ids taken modulo
+    ``vocab_size``)."""
     rng = np.random.default_rng(1234)
     rand = rng.integers(0, vocab_size, size=24).tolist()
-    return [
-        [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3],
-        [7, 8, 7, 8, 7, 8, 7],
-        rand[:5],
-        rand,
-        [42],
-    ]
+    fixed = [[1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 7, 8, 7, 8, 7]]
+    return [[t % vocab_size for t in p] for p in fixed] + [rand[:5], rand, [42 % vocab_size]]
 
 
 @attrs.frozen
@@ -119,9 +135,19 @@ def compare_greedy(reference: OracleRun, tokens: Sequence[int], atol: float = 1e
     return None
 
 
-def _describe_model(model) -> str:
+def describe_model(model) -> str:
+    """``glm4_moe`` (or ``glm4_moe, vocab 16`` for a non-default vocabulary)."""
     args = getattr(model, "args", None)
-    return getattr(args, "model_type", type(model).__name__)
+    kind = getattr(args, "model_type", type(model).__name__)
+    vocab = getattr(args, "vocab_size", 256)
+    return kind if vocab == 256 else f"{kind}, vocab {vocab}"
+
+
+_describe_model = describe_model
+
+
+def _label(strategy: Any) -> str:
+    return strategy if isinstance(strategy, str) else getattr(strategy, "name", strategy)
 
 
 def assert_lossless(
@@ -130,19 +156,33 @@ def assert_lossless(
     model: Any = None,
     prompts: Optional[Iterable[Sequence[int]]] = None,
     max_tokens: int = 32,
+    temperature: float = 0.0,
     atol: float = 1e-4,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    samples: int = 32,
+    seed: int = 0,
     **options: Any,
 ) -> None:
-    """Greedy decode with ``strategy`` (a registered name or class) must equal the oracle.
+    """``strategy`` (a registered name or class, with its ``options``) must be lossless.
 
     With no ``model`` it runs over :func:`tiny_models` (glm4_moe, qwen3_moe, mixtral); with no
-    ``prompts`` over :func:`default_prompts`. ``options`` are the strategy's options. Raises an
-    ``AssertionError`` that shows the model, the prompt, the first divergence, both tokens and
-    the logit margin. A divergence at a near-tie (margin <= ``atol``) passes.
+    ``prompts`` over :func:`default_prompts`. At ``temperature`` 0 the tokens must equal the oracle
+    (mlx-lm's greedy ``generate_step``); the ``AssertionError`` shows the model, the prompt, the
+    first divergence, both tokens and the logit margin; a divergence at a near-tie (margin <=
+    ``atol``) passes. At ``temperature`` > 0 (with ``top_p``/``top_k``) the check is statistical:
+    ``samples`` seeded generations per model; every generated token is tested against the target
+    distribution recomputed independently (chi-square of probability integral transforms, tokens
+    outside top-p/top-k, how often drafted tokens are committed), and every speculative step
+    against the exact law of the engine's accept rule. Fixed seeds: the outcome is reproducible.
     """
     import moedec
 
     models = tiny_models() if model is None else [model]
+    if temperature > 0:
+        _assert_lossless_sampling(strategy, models, prompts, max_tokens, temperature, top_p, top_k,
+                                  samples, seed, options)
+        return
     for m in models:
         vocab = m.args.vocab_size
         plist = default_prompts(vocab) if prompts is None else [list(p) for p in prompts]
@@ -154,8 +194,56 @@ def assert_lossless(
             )
             div = compare_greedy(ref, got.tokens, atol)
             if div is not None and not div.near_tie:
-                name = strategy if isinstance(strategy, str) else getattr(strategy, "name", strategy)
                 raise AssertionError(
-                    f"strategy {name!r} is not lossless on {_describe_model(m)} for prompt {list(prompt)}: "
+                    f"strategy {_label(strategy)!r} is not lossless on {describe_model(m)} for prompt {list(prompt)}: "
                     f"{div.describe()}\n  expected: {list(ref.tokens)}\n  got:      {list(got.tokens)}"
                 )
+
+
+def _assert_lossless_sampling(strategy, models, prompts, max_tokens, temperature, top_p, top_k,
+                              samples, seed, options) -> None:
+    import moedec
+    from moedec.sampling import SamplingParams
+
+    from .distribution import Sample, check_end_to_end, check_steps, drafted_by_position
+    from .probe import Probe, implements_hooks
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    from moedec.plugins import get_manager
+
+    cls = get_manager().strategy(strategy).cls if isinstance(strategy, str) else strategy
+    probed = implements_hooks(cls)
+    rng = np.random.default_rng(seed + 991)
+    problems = []
+    for m in models:
+        plist = default_prompts(m.args.vocab_size) if prompts is None else [list(p) for p in prompts]
+        runs, steps = [], []
+        for i in range(samples):
+            prompt = plist[i % len(plist)]
+            probe = Probe() if probed else None
+            g = moedec.generate(m, list(prompt), strategy, max_tokens=max_tokens, temperature=temperature,
+                                top_p=top_p, top_k=top_k, seed=seed * 7919 + i, eos_token_ids=[],
+                                plugins=[probe] if probe else (), **options)
+            drafted = drafted_by_position(probe.steps, len(g.tokens)) if probe else (-1,) * len(g.tokens)
+            runs.append(Sample(tuple(prompt), tuple(g.tokens), drafted))
+            steps += probe.steps if probe else []
+        label = describe_model(m)
+        for f in (check_steps(steps, rng, f"{label}, exact step test"),
+                  check_end_to_end(m, runs, params, rng, f"{label}, end-to-end")):
+            problems += f.violations
+    if problems:
+        raise AssertionError(
+            f"strategy {_label(strategy)!r} is not lossless in distribution at temperature {temperature:g} "
+            f"(top_p={top_p:g}, top_k={top_k}):\n  - " + "\n  - ".join(problems)
+        )
+
+
+def pytest_configure(config) -> None:
+    """``pytest -p moedec.testing``: register the kit's fixtures (nothing happens unless asked)."""
+    from . import pytest_plugin
+
+    if not config.pluginmanager.is_registered(pytest_plugin):
+        config.pluginmanager.register(pytest_plugin, "moedec.testing.pytest_plugin")
+
+
+from .conformance import CHECKS, ConformanceError, ConformanceReport, check_strategy  # noqa: E402

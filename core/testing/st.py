@@ -1,4 +1,5 @@
-"""Hypothesis strategies for moedec tests: prompts, tiny models, strategy option values."""
+"""Hypothesis strategies for moedec tests: prompts, tiny models, sampling settings, strategy
+option values."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import attrs
 from hypothesis import strategies as hs
 
 from moedec.options import option_fields
-from moedec.testing import ARCHS, tiny_models
+from moedec.sampling import SamplingParams
+from moedec.testing import ARCHS, SMALL_VOCAB, small_vocab_model, tiny_models
 
 
 @hs.composite
@@ -27,6 +29,27 @@ def prompts(draw, vocab_size: int = 256, min_size: int = 1, max_size: int = 24) 
 def models(seed: int = 0):
     """One of the cached tiny models (glm4_moe, qwen3_moe, mixtral)."""
     return hs.sampled_from(range(len(ARCHS))).map(lambda i: tiny_models(seed)[i])
+
+
+def small_vocab_models(vocab_size: int = SMALL_VOCAB, seed: int = 0):
+    """One of the tiny architectures with a small vocabulary (cached), for distribution tests."""
+    return hs.sampled_from(ARCHS).map(lambda arch: small_vocab_model(arch, seed, vocab_size))
+
+
+def sampling_params(vocab_size: int = 256, greedy: bool | None = None) -> hs.SearchStrategy[SamplingParams]:
+    """Valid :class:`~moedec.SamplingParams`: temperature 0 (when ``greedy`` is not False) or in
+    [0.3, 2], top-p in (0, 1], top-k 0 (off) or below ``vocab_size``."""
+    sampled = hs.builds(
+        SamplingParams,
+        temperature=hs.floats(0.3, 2.0),
+        top_p=hs.one_of(hs.just(1.0), hs.floats(0.5, 1.0)),
+        top_k=hs.one_of(hs.just(0), hs.integers(1, max(1, vocab_size - 1))),
+    )
+    if greedy is True:
+        return hs.just(SamplingParams())
+    if greedy is False:
+        return sampled
+    return hs.one_of(hs.just(SamplingParams()), sampled)
 
 
 def option_values(cls: type) -> hs.SearchStrategy[dict[str, Any]]:
