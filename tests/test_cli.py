@@ -1,6 +1,7 @@
 """The CLI: thin wrappers, one-line errors, no tracebacks."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -22,13 +23,14 @@ def test_strategies_lists_single_with_its_source():
 
 
 def test_generate_streams_and_reports():
-    r = runner.invoke(app, ["generate", "hello", "--max-tokens", "16"])
+    r = runner.invoke(app, ["generate", "def add(a, b):", "--max-tokens", "16"])
     assert r.exit_code == 0, r.output
-    assert "built-in random MoE" in r.output and "16 tokens" in r.output
+    assert "[model: " in r.output and ("bundled default model" in r.output or "built-in random MoE" in r.output)
+    assert re.search(r"\[single\] 1?\d tokens, ", r.output)
 
 
 def test_generate_json():
-    r = runner.invoke(app, ["generate", "hello", "--max-tokens", "8", "--json"])
+    r = runner.invoke(app, ["generate", "def add(a, b):", "--max-tokens", "8", "--json"])
     assert r.exit_code == 0
     line = [l for l in r.stdout.splitlines() if l.startswith("{")][-1]
     out = json.loads(line)
@@ -38,8 +40,12 @@ def test_generate_json():
 
 
 def test_prompt_from_stdin():
+    import moedec
+
+    _, tok = moedec.load()
     r = runner.invoke(app, ["generate", "--max-tokens", "4", "--json"], input="hi there")
-    assert r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["stats"]["prompt_tokens"] == 9
+    assert r.exit_code == 0
+    assert json.loads(r.stdout.splitlines()[-1])["stats"]["prompt_tokens"] == len(tok.encode("hi there"))
 
 
 def run_cli(*args):

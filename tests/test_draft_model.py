@@ -200,14 +200,17 @@ def test_non_trimmable_drafter_cache_names_the_type(monkeypatch):
         moedec.generate(tiny_models()[0], list(range(10)), "draft-model", max_tokens=4, draft_model=tiny_models()[0])
 
 
+DEFAULT_VOCAB = moedec.load()[0].args.vocab_size  # the model `moedec generate` uses without --model
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("drafters")
-    out = {}
+    out = {"vocab": DEFAULT_VOCAB}
     for name, cfg in [
-        ("ok", model_config("glm4_moe", vocab_size=258, num_hidden_layers=2)),  # the built-in target's vocab
-        ("small_vocab", model_config("glm4_moe", vocab_size=256, num_hidden_layers=2)),
-        ("mamba", mamba_config(258)),
+        ("ok", model_config("glm4_moe", vocab_size=DEFAULT_VOCAB, num_hidden_layers=2)),  # the default target's vocab
+        ("small_vocab", model_config("glm4_moe", vocab_size=DEFAULT_VOCAB - 2, num_hidden_layers=2)),
+        ("mamba", mamba_config(DEFAULT_VOCAB)),
     ]:
         (root / name).mkdir()
         out[name] = save_model_dir(root / name, cfg)
@@ -215,7 +218,7 @@ def model_dirs(tmp_path_factory):
 
 
 def test_cli_generate_with_a_saved_draft_model(model_dirs):
-    r = runner.invoke(app, ["generate", "hello hello", "--strategy", "draft-model", "-o", f"draft_model={model_dirs['ok']}",
+    r = runner.invoke(app, ["generate", "def add(a, b):", "--strategy", "draft-model", "-o", f"draft_model={model_dirs['ok']}",
                             "-o", "num_draft=3", "--max-tokens", "16", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads([l for l in r.stdout.splitlines() if l.startswith("{")][-1])
@@ -223,13 +226,14 @@ def test_cli_generate_with_a_saved_draft_model(model_dirs):
     assert s["strategy"] == "draft-model" and s["generated_tokens"] >= 8 and s["drafted"] > 0
     assert s["extra"]["draft_forwards"] >= s["drafted"]
     # the greedy text is the target's own, whatever the drafter
-    r2 = runner.invoke(app, ["generate", "hello hello", "--max-tokens", "16", "--json"])
+    r2 = runner.invoke(app, ["generate", "def add(a, b):", "--max-tokens", "16", "--json"])
     assert json.loads(r2.stdout.splitlines()[-1])["tokens"] == out["tokens"]
 
 
 def test_cli_errors_are_one_line_without_traceback(model_dirs):
     cases = [
-        (["-o", f"draft_model={model_dirs['small_vocab']}"], "vocabulary size (256) differs from the target's (258)"),
+        (["-o", f"draft_model={model_dirs['small_vocab']}"],
+         f"vocabulary size ({DEFAULT_VOCAB - 2}) differs from the target's ({DEFAULT_VOCAB})"),
         (["-o", f"draft_model={model_dirs['mamba']}"], "the draft model's cache (ArraysCache) cannot be rewound"),
         ([], "needs the option draft_model"),
     ]
@@ -243,6 +247,6 @@ def test_cli_errors_are_one_line_without_traceback(model_dirs):
                         f"draft_model={model_dirs['small_vocab']}"], capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert [l for l in p.stderr.splitlines() if l.startswith("moedec: error:")] == [
-        "moedec: error: strategy 'draft-model': the draft model's vocabulary size (256) differs from the target's "
-        "(258); they must share a tokenizer"
+        f"moedec: error: strategy 'draft-model': the draft model's vocabulary size ({DEFAULT_VOCAB - 2}) differs "
+        f"from the target's ({DEFAULT_VOCAB}); they must share a tokenizer"
     ]

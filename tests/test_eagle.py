@@ -171,13 +171,14 @@ def test_config_shaped_like_the_target():
 
 
 def test_cli_with_a_head_reports_acceptance(tmp_path):
-    model, _ = default_model()
+    model, _ = moedec.load()  # the model `moedec generate` uses without --model
     path = save_eagle_head(random_eagle_head(model, seed=0), tmp_path / "builtin.safetensors")
-    r = runner.invoke(app, ["generate", "hello", "--strategy", "eagle", "-o", f"head={path}", "-n", "12"])
+    prompt = "def add(a, b):"
+    r = runner.invoke(app, ["generate", prompt, "--strategy", "eagle", "-o", f"head={path}", "-n", "12"])
     assert r.exit_code == 0, r.output
     assert "[eagle] 12 tokens" in r.output and "acceptance" in r.output
-    ref = runner.invoke(app, ["generate", "hello", "-n", "12", "--json"])
-    got = runner.invoke(app, ["generate", "hello", "--strategy", "eagle", "-o", f"head={path}", "-n", "12", "--json"])
+    ref = runner.invoke(app, ["generate", prompt, "-n", "12", "--json"])
+    got = runner.invoke(app, ["generate", prompt, "--strategy", "eagle", "-o", f"head={path}", "-n", "12", "--json"])
     assert json.loads(got.stdout.splitlines()[-1])["tokens"] == json.loads(ref.stdout.splitlines()[-1])["tokens"]
 
 

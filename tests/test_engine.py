@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given, strategies as hs
 
 import moedec
+import moedec.models
 from moedec.testing import ARCHS, assert_lossless, compare_greedy, oracle_greedy, tiny_models
 from moedec.testing import st
 from tests.helpers import CacheChecker, PlannedDrafter
@@ -97,7 +98,7 @@ def test_eos_and_max_tokens_stop():
 
 
 def test_stop_strings_cut_the_text():
-    model, tok = moedec.load()
+    model, tok = moedec.models.default_model()  # the random byte-level model: never hits EOS early
     full = moedec.generate(model, "hello", max_tokens=24, tokenizer=tok)
     text = full.text
     assert text
@@ -108,7 +109,7 @@ def test_stop_strings_cut_the_text():
 
 
 def test_streaming_yields_tokens_as_they_commit():
-    model, tok = moedec.load()
+    model, tok = moedec.models.default_model()
     dec = moedec.stream_generate(model, "hi", max_tokens=10, tokenizer=tok)
     chunks = list(dec)
     assert sum(len(c.tokens) for c in chunks) == 10 and len(chunks) == 10

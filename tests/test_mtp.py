@@ -126,8 +126,10 @@ def test_no_mtp_layers_is_one_clear_line(ckpts):
             load_mtp(model, ckpts["none"])
     finally:
         (ckpts["none"] / "config.json").write_text(json.dumps(cfg))
+    from moedec.models import default_model
+
     with pytest.raises(MoedecError, match="the built-in model"):
-        moedec.generate(None, [1, 2, 3], "mtp", max_tokens=4)
+        moedec.generate(default_model()[0], [1, 2, 3], "mtp", max_tokens=4)
 
 
 def _corrupt(src, dst, edit):
