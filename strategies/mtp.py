@@ -96,7 +96,7 @@ class FeatureDrafter:
         for j in range(k):
             logits = self.logits(feature)  # [V]
             if state.sampling.greedy:
-                tok = mx.argmax(logits)
+                tok = mx.argmax(logits, axis=-1)  # an explicit axis: argmax over all axes failed on CUDA ("SmallVector out of range")
             else:
                 q = state.probs(logits)  # [V], processed like the target's p
                 tok = sampling.sample(q, state.next_key())
