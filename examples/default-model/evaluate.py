@@ -125,8 +125,9 @@ def heldout_metrics(model, tokenizer, corpus: Path, *, seq: int, max_tokens: int
 
 # -- 2. header continuations -------------------------------------------------------------------------
 
-#: a new top-level statement after a (dedented) function's body: the function has ended
-FUNCTION_END = ["\ndef ", "\nclass ", "\n@", "\nif __name__"]
+#: a new statement after a (dedented) function's body: the function has ended. The model often
+#: writes the body as a method's (8 spaces), so the next method also ends it.
+FUNCTION_END = ["\ndef ", "\nclass ", "\n@", "\nif __name__", "\n    def ", "\n    @"]
 
 
 def header_parse_rate(model, tokenizer, funcs: list[dict], max_tokens: int) -> dict[str, Any]:
@@ -134,7 +135,9 @@ def header_parse_rate(model, tokenizer, funcs: list[dict], max_tokens: int) -> d
     to its last complete line, parsed with ``ast``."""
     rows = []
     for f in funcs:
-        prompt = f["header"] + "\n"
+        # no trailing newline: the BPE merges a newline with the next line's indentation, so a prompt
+        # ending in a bare "\n" asks the model for a token boundary it never saw in training
+        prompt = f["header"]
         g = moedec.generate(model, prompt, "single", max_tokens=max_tokens, tokenizer=tokenizer, stop=FUNCTION_END)
         done = g.stats.finish_reason in ("stop", "eos")  # the function (or the file) ended
         code = prompt + (g.text + "\n" if done else trim_to_line(g.text))
@@ -212,7 +215,7 @@ def edit_prompts(funcs: list[dict], tokenizer, max_prompt: int) -> list[str]:
     out = []
     for f in funcs:
         src = f["source"]
-        prompt = EDIT_INTRO + src + EDIT_ASK + f["header"] + "\n"
+        prompt = EDIT_INTRO + src + EDIT_ASK + f["header"]  # no bare trailing newline (see above)
         if len(tokenizer.encode(prompt)) <= max_prompt:
             out.append(prompt)
     return out
