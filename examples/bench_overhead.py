@@ -25,7 +25,7 @@ from moedec.tokenizer import ByteTokenizer
 SIZES = {
     "small": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=2),
-    "default": None,  # the built-in model
+    "default": None,  # the model moedec uses without --model (the bundled one)
     "large": dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=384, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, n_routed_experts=32, num_experts_per_tok=4),
 }
@@ -48,10 +48,10 @@ def main() -> None:
     ap.add_argument("--prompt", default="def fibonacci(n):")
     args = ap.parse_args()
 
-    tok = ByteTokenizer()
     if SIZES[args.size] is None:
-        model, _ = moedec.load()
+        model, tok = moedec.load()
     else:
+        tok = ByteTokenizer()
         model = random_moe("glm4_moe", seed=0, vocab_size=tok.vocab_size, **SIZES[args.size])
     ids = tok.encode(args.prompt)
     mlx_lm_tps(model, ids, 8)  # warm-up both paths (compilation, allocator)

@@ -67,9 +67,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 }  // namespace moedec
 """
 
-# Template constants: T (activation/scale dtype), BITS, GROUP, DIN (input width), NOUT (rows),
-# K (experts per token), P (pairs), MAXC (max tokens per expert, >= T), WARPS (warps per block).
-GATE_UP = r"""
+# Shared by both kernels: compile-time sizes, then each block finds its slot (or exits) and each
+# warp its output row (or exits).
+PRELUDE = r"""
   __shared__ int s_start, s_end;
   __shared__ int warp_counts[32];
   constexpr int VALS = 128 / BITS;                 // inputs per uint4 chunk
@@ -86,6 +86,11 @@ GATE_UP = r"""
   const int expert = sorted_e[s_start];
   const int count = s_end - s_start;
 
+"""
+
+# Template constants: T (activation/scale dtype), BITS, GROUP, DIN (input width), NOUT (rows),
+# K (experts per token), P (pairs), MAXC (max tokens per expert, >= T), WARPS (warps per block).
+GATE_UP = PRELUDE + r"""
   int tok[MAXC];
 #pragma unroll
   for (int t = 0; t < MAXC; ++t) tok[t] = t < count ? order[s_start + t] / K : 0;
@@ -145,23 +150,7 @@ GATE_UP = r"""
   }
 """
 
-DOWN = r"""
-  __shared__ int s_start, s_end;
-  __shared__ int warp_counts[32];
-  constexpr int VALS = 128 / BITS;
-  constexpr int CHUNKS = DIN / VALS;
-  constexpr int WORDS = DIN * BITS / 32;
-  constexpr int VPW = 32 / BITS;
-  constexpr unsigned MASK = (1u << BITS) - 1u;
-  const int slot = blockIdx.y;
-  moedec::find_slot(sorted_e, P, slot, &s_start, &s_end, warp_counts);
-  if (s_start < 0) return;
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * WARPS + (threadIdx.x >> 5);
-  if (row >= NOUT) return;
-  const int expert = sorted_e[s_start];
-  const int count = s_end - s_start;
-
+DOWN = PRELUDE + r"""
   const size_t wrow = (size_t)expert * NOUT + row;
   const uint4* w4 = reinterpret_cast<const uint4*>(wd + wrow * WORDS);
   const T* s_row = sd + wrow * (DIN / GROUP);
