@@ -63,8 +63,7 @@ def _resolve_type(cls: type, field: attrs.Attribute):
 
 def describe_option(cls: type, field: attrs.Attribute) -> str:
     """``name: type = default [range]`` for listings."""
-    typ = _resolve_type(cls, field)
-    tname = getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+    tname = _type_name(_resolve_type(cls, field))
     default = field.default
     if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
         default = default.factory()
@@ -74,6 +73,14 @@ def describe_option(cls: type, field: attrs.Attribute) -> str:
         if rng:
             text += f" {describe_range(*rng)}"
     return text
+
+
+def _type_name(typ) -> str:
+    """``int``, ``str | None``, ... for listings."""
+    args = typing.get_args(typ)
+    if args and (typing.get_origin(typ) is typing.Union or str(typing.get_origin(typ)) == "types.UnionType"):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
 
 
 def _validators(field: attrs.Attribute):
