@@ -94,9 +94,9 @@ class FeatureDrafter:
         self._pend_h, self._pend_t = None, []
         tokens, qs = [], []
         for j in range(k):
-            logits = self.logits(feature)  # [V]
+            logits = self.logits(feature[None])[0]  # [V]; a [1, D] input: MLX CUDA's quantized matmul rejects 1-D ("SmallVector out of range")
             if state.sampling.greedy:
-                tok = mx.argmax(logits, axis=-1)  # an explicit axis: argmax over all axes failed on CUDA ("SmallVector out of range")
+                tok = mx.argmax(logits, axis=-1)
             else:
                 q = state.probs(logits)  # [V], processed like the target's p
                 tok = sampling.sample(q, state.next_key())
