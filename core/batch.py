@@ -20,7 +20,6 @@ one vectorised call (``mx.vmap``), so a row's draws never depend on which rows s
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -33,7 +32,7 @@ from .engine import PREFILL_STEP, vocab_size_of
 from .errors import MoedecError
 from .forward import head_of, new_cache
 from .records import Generation, GenerationStats
-from .sampling import SamplingParams
+from .sampling import SamplingParams, fresh_seed
 from .text import TextStream
 
 _split_rows = mx.vmap(lambda k: mx.random.split(k))  # [B, 2] keys -> [B, 2, 2]
@@ -328,7 +327,7 @@ def row_seeds(seed: Any, n: int) -> list[int]:
         seeds = [None] * n
     else:
         seeds = [int(seed) + i for i in range(n)]
-    return [int.from_bytes(os.urandom(7), "little") if s is None else int(s) for s in seeds]
+    return [fresh_seed() if s is None else int(s) for s in seeds]
 
 
 def make_rows(prompts: Sequence[list[int]], *, max_tokens, temperature, top_p, top_k, seed) -> list[Row]:

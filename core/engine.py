@@ -19,7 +19,7 @@ from .defaults import EngineDefaults
 from .errors import MoedecError, PluginError
 from .forward import cache_length, forward, new_cache, require_trimmable, rewind
 from .records import Acceptance, Chunk, Draft, Generation, GenerationStats, Verification
-from .sampling import SamplingParams
+from .sampling import SamplingParams, fresh_seed
 from .state import DecodeState
 from .text import TextStream
 
@@ -78,7 +78,7 @@ class Decoder:
         for i, obs in enumerate(observers):
             if not self.pm.is_registered(obs):
                 self.pm.register(obs, name=f"observer:{getattr(obs, '__name__', type(obs).__name__)}:{i}")
-        key = mx.random.key(seed if seed is not None else int.from_bytes(__import__("os").urandom(7), "little"))
+        key = mx.random.key(seed if seed is not None else fresh_seed())
         self.state = DecodeState(
             model=model, cache=new_cache(model), tokens=list(prompt), prompt_length=len(prompt),
             vocab_size=self.vocab, sampling=sampling, max_tokens=max_tokens, max_draft=max_draft,

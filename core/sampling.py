@@ -7,6 +7,7 @@ pure functions so that tests can enumerate their outcome distribution exactly.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import attrs
@@ -47,6 +48,11 @@ def logprobs(logits: mx.array, params: SamplingParams) -> mx.array:
 def probs(logits: mx.array, params: SamplingParams) -> mx.array:
     """Processed probabilities ``[..., V]`` (see :func:`logprobs`)."""
     return mx.exp(logprobs(logits, params))
+
+
+def fresh_seed() -> int:
+    """A random seed for a generation that was given none."""
+    return int.from_bytes(os.urandom(7), "little")
 
 
 def sample(p: mx.array, key: mx.array) -> mx.array:

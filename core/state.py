@@ -62,6 +62,12 @@ class DecodeState:
 
     def sample(self, logits: mx.array) -> mx.array:
         """Sample from ``logits`` ``[..., V]`` with this generation's settings (argmax when greedy)."""
+        return self.draw(logits)[0]
+
+    def draw(self, logits: mx.array) -> tuple[mx.array, Optional[mx.array]]:
+        """``(token, q)``: :meth:`sample`'s token and the processed distribution it was drawn from
+        (``None`` when greedy) — what a drafter reports as ``Draft.probs``. Lazy."""
         if self.sampling.greedy:
-            return mx.argmax(logits, axis=-1)
-        return sampling.sample(self.probs(logits), self.next_key())
+            return mx.argmax(logits, axis=-1), None
+        q = self.probs(logits)
+        return sampling.sample(q, self.next_key()), q

@@ -23,7 +23,6 @@ import attrs
 import mlx.core as mx
 
 import moedec
-from moedec import sampling
 from moedec.engine import PREFILL_STEP, vocab_size_of
 from moedec.errors import MoedecError
 from moedec.forward import cache_length, forward, new_cache, rewind
@@ -146,11 +145,8 @@ class DraftModel:
         logits = logits[-1]  # [V]
         tokens, qs = [], []
         for i in range(k):  # stays lazy: one evaluation for the whole draft
-            if state.sampling.greedy:
-                t = mx.argmax(logits, axis=-1)
-            else:
-                q = state.probs(logits)  # [V], processed like the target's p
-                t = sampling.sample(q, state.next_key())
+            t, q = state.draw(logits)  # q: [V] processed like the target's p (None when greedy)
+            if q is not None:
                 qs.append(q)
             tokens.append(t)
             if i < k - 1:

@@ -23,7 +23,6 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 import moedec
-from moedec import sampling
 from moedec.errors import MoedecError
 from moedec.forward import rewind
 from moedec.records import Draft
@@ -95,11 +94,8 @@ class FeatureDrafter:
         tokens, qs = [], []
         for j in range(k):
             logits = self.logits(feature[None])[0]  # [V]; a [1, D] input: MLX CUDA's quantized matmul rejects 1-D ("SmallVector out of range")
-            if state.sampling.greedy:
-                tok = mx.argmax(logits, axis=-1)
-            else:
-                q = state.probs(logits)  # [V], processed like the target's p
-                tok = sampling.sample(q, state.next_key())
+            tok, q = state.draw(logits)  # q: [V] processed like the target's p (None when greedy)
+            if q is not None:
                 qs.append(q)
             tokens.append(tok)
             if j + 1 < k:
