@@ -1,14 +1,23 @@
-"""Stock vs fused MoE kernel, side by side in one run on one device.
+"""Stock vs fused MoE kernels, side by side in one run on one device.
 
-1. copy bandwidth of this device, measured here (read + write bytes / time);
-2. the MoE expert op alone (one synthetic GLM layer: 77 experts, 4096 -> 1536, 4-bit g64, bf16) for
-   T = 1, 2, 4, 8, 16 tokens: time, union U of active experts, bytes of the active experts, GB/s
-   and % of copy bandwidth, and time(T)/time(1) against U(T)/U(1);
-3. end to end: greedy decode tok/s on the synthetic model (DESIGN.md, ~7.9 GB) with mlx-lm's
-   ``generate_step`` (stock), moedec ``single`` with ``--kernel stock`` and with ``--kernel fused``,
-   interleaved rounds.
+1. copy bandwidth of this device, measured here: MLX's own ``x + 1`` and a plain uint4 copy kernel,
+   read + write bytes over time; the larger is the reference;
+2. per T = 1, 2, 4, 8, 16 on the synthetic GLM model's MoE layers (77 experts, 4096 -> 1536, 4-bit
+   g64, bf16): the routed-expert op (experts + routing-weight combine) and the whole MoE block
+   (router, experts, combine, shared expert), stock vs fused: time, mean union U, bytes of the active
+   experts, GB/s and % of copy bandwidth, time(T)/time(1) against U(T)/U(1), and the max difference;
+3. where one T=1 decode step's time goes: Python graph building, MLX's encoding of the ops, and the
+   rest (the GPU finishing), stock vs fused;
+4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
+   with ``--kernel stock`` and with ``--kernel fused``, interleaved rounds, plus how long the greedy
+   outputs agree, and for one single-token forward the top-2 logit margin against the largest
+   stock/fused logit difference (a random bf16 model has near-ties).
 
-    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--json OUT]
+Timings are steady state: every measured batch of calls is first run twice with the same shape of
+graph, so MLX's CUDA-graph cache is warm, and every call uses other inputs (other routings, cycling
+over the layers) so that no call finds the previous one's experts in L2.
+
+    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--reps 36] [--json OUT]
 """
 
 from __future__ import annotations
@@ -20,67 +29,124 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import moedec
 from moedec import kernels
-from moedec.kernels.fused import fused_switch_glu
+from moedec.kernels import fused
 from moedec.synthetic import nbytes, synthetic_glm
 
 
 def timed(fn, reps: int) -> float:
-    """Seconds per call: ``reps`` calls queued, evaluated once (after a warm-up)."""
-    mx.eval(fn())
-    mx.synchronize()
+    """Seconds per call of ``fn`` in steady state: ``reps`` calls per graph, warmed up twice."""
+    for _ in range(2):
+        mx.eval([fn() for _ in range(reps)])
+        mx.synchronize()
     t = time.perf_counter()
     mx.eval([fn() for _ in range(reps)])
     mx.synchronize()
     return (time.perf_counter() - t) / reps
 
 
-def copy_bandwidth() -> float:
-    x = mx.random.uniform(shape=(256 * 1024 * 1024,)).astype(mx.bfloat16)  # 512 MB
+def copy_bandwidth() -> tuple[float, float]:
+    """(read + write) GB/s of MLX's ``x + 1`` on 1 GiB of bf16, and of a uint4 copy kernel."""
+    x = mx.random.normal((512 * 1024 * 1024,)).astype(mx.bfloat16)
     mx.eval(x)
-    sec = timed(lambda: x + 1, 20)
-    return 2 * x.nbytes / sec / 1e9
+    plus = 2 * x.nbytes / timed(lambda: x + 1, 10) / 1e9
+    src = x.view(mx.uint32)
+    wide = 2 * src.nbytes / timed(lambda: fused.copy(src), 10) / 1e9 if kernels.device_backend() == "cuda" else 0.0
+    return plus, wide
 
 
 def expert_bytes(sw) -> int:
-    per = 0
-    for lin in (sw.gate_proj, sw.up_proj, sw.down_proj):
-        for name in ("weight", "scales", "biases"):
-            if name in lin:
-                per += lin[name].nbytes // lin[name].shape[0]
-    return per
+    return sum(lin[name].nbytes // lin[name].shape[0] for lin in (sw.gate_proj, sw.up_proj, sw.down_proj)
+               for name in ("weight", "scales", "biases") if name in lin)
+
+
+def stock_experts(sw, x, inds, scores):
+    """mlx-lm's routed experts and combine (``glm4_moe.MoE`` without router and shared expert)."""
+    y = SwitchGLU.__call__(sw, x, inds)
+    return (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+
+
+def _diff(a: list, b: list) -> float:
+    return max(float(mx.abs(p.astype(mx.float32) - q.astype(mx.float32)).max()) for p, q in zip(a, b))
 
 
 def layer_bench(model, bw: float, reps: int) -> list[dict]:
-    moe = model.model.layers[1].mlp
-    sw = moe.switch_mlp
-    per_expert = expert_bytes(sw)
-    rows = []
-    base = {}
+    blocks = [l.mlp for l in model.model.layers if hasattr(l.mlp, "switch_mlp")]
+    per_expert = expert_bytes(blocks[0].switch_mlp)
+    fixed = sum(v.nbytes for _, v in tree_flatten(blocks[0].shared_experts.parameters())) + blocks[0].gate.weight.nbytes
+    rows, base = [], {}
+    kernels.patch(model, "stock")
     for t in (1, 2, 4, 8, 16):
-        x = (mx.random.normal((1, t, model.args.hidden_size), key=mx.random.key(t)) * 0.5).astype(mx.bfloat16)
-        idx, _ = moe.gate(x)  # [1, T, 8] real routing of random inputs
-        mx.eval(x, idx)
-        union = len(set(np.array(idx).reshape(-1).tolist()))
-        row = {"T": t, "union": union, "active_MB": union * per_expert / 1e6}
-        for name, fn in (("stock", lambda: SwitchGLU.__call__(sw, x, idx)), ("fused", lambda: fused_switch_glu(sw, x, idx))):
-            sec = timed(fn, reps)
-            row[f"{name}_us"] = sec * 1e6
-            row[f"{name}_GBps"] = union * per_expert / sec / 1e9
-            row[f"{name}_pct_copy_bw"] = 100 * row[f"{name}_GBps"] / bw
-        if t == 1:
-            base = row
+        cases = []
+        for i in range(2 * len(blocks)):
+            blk = blocks[i % len(blocks)]
+            x = (mx.random.normal((1, t, model.args.hidden_size), key=mx.random.key(100 * t + i)) * 0.5).astype(mx.bfloat16)
+            inds, scores = blk.gate(x)  # the layer's own routing of random inputs
+            cases.append((blk, x, inds, scores))
+        mx.eval([c[1:] for c in cases])
+        union = statistics.mean(len(set(np.array(c[2]).reshape(-1).tolist())) for c in cases)
+        row = {"T": t, "union": union, "experts_MB": union * per_expert / 1e6, "block_MB": (union * per_expert + fixed) / 1e6}
+        counter = iter(range(10**9))
+
+        def cycle(fn):
+            return lambda: fn(*cases[next(counter) % len(cases)])
+
+        row["experts_stock_us"] = 1e6 * timed(cycle(lambda b, x, i, s: stock_experts(b.switch_mlp, x, i, s)), reps)
+        row["experts_fused_us"] = 1e6 * timed(cycle(lambda b, x, i, s: fused.fused_moe(b.switch_mlp, x, i, s)), reps)
+        row["block_stock_us"] = 1e6 * timed(cycle(lambda b, x, i, s: b(x)), reps)
+        some = cases[:3]
+        ref_e = [stock_experts(b.switch_mlp, x, i, s) for b, x, i, s in some]
+        got_e = [fused.fused_moe(b.switch_mlp, x, i, s) for b, x, i, s in some]
+        ref_b = [b(x) for b, x, _, _ in some]
+        kernels.patch(model, "fused")
+        row["block_fused_us"] = 1e6 * timed(cycle(lambda b, x, i, s: b(x)), reps)
+        got_b = [b(x) for b, x, _, _ in some]
+        kernels.patch(model, "stock")
+        row["experts_max_abs_diff"], row["block_max_abs_diff"] = _diff(ref_e, got_e), _diff(ref_b, got_b)
+        base = base or row
         row["union_ratio"] = union / base["union"]
-        for name in ("stock", "fused"):
+        for name in ("experts_stock", "experts_fused", "block_stock", "block_fused"):
+            mb = row["experts_MB" if name.startswith("experts") else "block_MB"]
+            row[f"{name}_GBps"] = mb / row[f"{name}_us"] * 1e3
+            row[f"{name}_pct_copy_bw"] = 100 * row[f"{name}_GBps"] / bw
             row[f"{name}_time_ratio"] = row[f"{name}_us"] / base[f"{name}_us"]
-        err = mx.abs(SwitchGLU.__call__(sw, x, idx).astype(mx.float32) - fused_switch_glu(sw, x, idx).astype(mx.float32)).max()
-        row["max_abs_diff"] = float(err)
         rows.append(row)
+        print(f"{t:>3} {union:>5.1f} {row['experts_MB']:>6.1f} | {row['experts_stock_us']:>7.1f} {row['experts_fused_us']:>7.1f} "
+              f"{row['experts_stock_pct_copy_bw']:>5.1f} {row['experts_fused_pct_copy_bw']:>5.1f} "
+              f"{row['experts_stock_time_ratio']:>5.2f} {row['experts_fused_time_ratio']:>5.2f} {row['union_ratio']:>5.2f} | "
+              f"{row['block_stock_us']:>7.1f} {row['block_fused_us']:>7.1f} | "
+              f"{row['experts_max_abs_diff']:.4f} {row['block_max_abs_diff']:.4f}", flush=True)
     return rows
+
+
+def step_profile(model, kernel: str, reps: int = 20) -> dict:
+    """One T=1 forward on a warm 32-token cache, split into Python graph building, MLX encoding
+    (``async_eval`` until it returns) and the rest until the result is ready; medians over reps."""
+    kernels.patch(model, kernel)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(1, 33))]), cache=cache))
+    y = mx.array([[5]])
+    parts = []
+    for i in range(reps + 3):
+        t0 = time.perf_counter()
+        out = model(y, cache=cache)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        trim_prompt_cache(cache, 1)
+        if i >= 3:
+            parts.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    kernels.patch(model, "stock")
+    med = np.median(np.array(parts), axis=0) * 1e6
+    return dict(zip(("build_us", "encode_us", "rest_us", "total_us"), med.tolist()))
 
 
 def mlx_lm_tps(model, ids, n):
@@ -99,23 +165,27 @@ def e2e_bench(model, tokens: int, rounds: int) -> dict:
         kernels.patch(model, "stock")
         a = mlx_lm_tps(model, ids, tokens)
         g = moedec.generate(model, ids, max_tokens=tokens, kernel="stock", eos_token_ids=[])
-        outs["stock"] = g.tokens
-        b = g.stats.decode_tps
+        outs["stock"], b = g.tokens, g.stats.decode_tps
         g = moedec.generate(model, ids, max_tokens=tokens, kernel="fused", eos_token_ids=[])
-        outs["fused"] = g.tokens
-        c = g.stats.decode_tps
+        outs["fused"], c = g.tokens, g.stats.decode_tps
         kernels.patch(model, "stock")
         if r:
-            res["mlx_lm"].append(a)
-            res["moedec_stock"].append(b)
-            res["moedec_fused"].append(c)
+            for k, v in zip(res, (a, b, c)):
+                res[k].append(v)
         print(f"  round {r}{' (warm-up)' if not r else ''}: mlx-lm {a:.1f}  moedec stock {b:.1f}  moedec fused {c:.1f} tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
+    med["rounds"] = res
     med["fused_vs_mlx_lm"] = med["moedec_fused"] / med["mlx_lm"]
     med["stock_vs_mlx_lm"] = med["moedec_stock"] / med["mlx_lm"]
-    same = sum(x == y for x, y in zip(outs["stock"], outs["fused"]))
-    med["greedy_tokens_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["stock"], outs["fused"])) if x != y), len(outs["stock"]))
-    med["greedy_tokens_equal"] = same
+    med["greedy_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["stock"], outs["fused"])) if x != y), tokens)
+    logits = {}
+    for kernel in ("stock", "fused"):  # one single-token forward (prefill keeps the stock path)
+        kernels.patch(model, kernel)
+        logits[kernel] = model(mx.array([ids[:1]]))[0, -1].astype(mx.float32)
+    kernels.patch(model, "stock")
+    top2 = mx.sort(logits["stock"])[-2:]
+    med["one_token_margin"] = float(top2[1] - top2[0])
+    med["one_token_max_logit_diff"] = float(mx.abs(logits["stock"] - logits["fused"]).max())
     return med
 
 
@@ -124,28 +194,28 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=36)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     print(f"device: {mx.default_device()}  backend: {kernels.device_backend()}")
-    bw = copy_bandwidth()
-    print(f"copy bandwidth (read+write): {bw:.0f} GB/s")
+    plus, wide = copy_bandwidth()
+    bw = max(plus, wide)
+    print(f"copy bandwidth (read+write): MLX x+1 {plus:.0f} GB/s, uint4 copy kernel {wide:.0f} GB/s; reference {bw:.0f}")
     t = time.perf_counter()
     model = synthetic_glm(scale=args.scale)
     print(f"synthetic model: {nbytes(model) / 1e9:.2f} GB, built in {time.perf_counter() - t:.0f} s")
-    rows = layer_bench(model, bw, args.reps)
-    print(f"{'T':>3} {'U':>3} {'MB':>6} {'stock us':>9} {'fused us':>9} {'stock %bw':>9} {'fused %bw':>9} {'U/U1':>5} {'fused t/t1':>10} {'stock t/t1':>10} {'maxdiff':>8}")
-    for r in rows:
-        print(f"{r['T']:>3} {r['union']:>3} {r['active_MB']:>6.1f} {r['stock_us']:>9.1f} {r['fused_us']:>9.1f} "
-              f"{r['stock_pct_copy_bw']:>9.1f} {r['fused_pct_copy_bw']:>9.1f} {r['union_ratio']:>5.2f} "
-              f"{r['fused_time_ratio']:>10.2f} {r['stock_time_ratio']:>10.2f} {r['max_abs_diff']:>8.4f}", flush=True)
-    out = {"device": str(mx.default_device()), "copy_GBps": bw, "layer": rows}
+    print("  T     U     MB | experts: stock us  fused us  stock%bw fused%bw  t/t1 stock fused  U/U1 | block: stock us fused us | maxdiff experts block")
+    out = {"device": str(mx.default_device()), "copy_GBps": bw, "copy_plus_one_GBps": plus, "copy_kernel_GBps": wide,
+           "layer": layer_bench(model, bw, args.reps)}
+    out["step"] = {k: step_profile(model, k) for k in ("stock", "fused")}
+    for k, v in out["step"].items():
+        print(f"T=1 step, {k}: " + ", ".join(f"{n} {x:.0f}" for n, x in v.items()), flush=True)
     if not args.skip_e2e:
         print("end to end (decode tok/s, median of rounds):")
         out["e2e"] = e2e_bench(model, args.tokens, args.rounds)
-        print(json.dumps(out["e2e"], indent=1))
+        print(json.dumps({k: v for k, v in out["e2e"].items() if k != "rounds"}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

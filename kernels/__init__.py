@@ -1,20 +1,24 @@
-"""MoE expert kernels: one op for gate+up projection, SwiGLU and down projection, grouped by expert.
+"""MoE kernels: the whole routed-expert block of a decode forward in a few fused ops.
 
-``patch(model)`` swaps every mlx-lm ``SwitchGLU`` of a model for :class:`DispatchingSwitchGLU`
-(same parameters, same weights: only the class changes), which picks per call:
+``patch(model)`` changes the class (never the weights) of two kinds of mlx-lm module:
 
-* ``fused``: the expert-grouped CUDA kernel (:mod:`moedec.kernels.fused`) when MLX runs on CUDA and
-  the call fits it (affine 4/8-bit, group 32/64/128, SwiGLU, decode-sized forwards);
-* ``stock``: mlx-lm's own ``SwitchGLU`` (``mx.gather_qmm``) everywhere else — the reference.
+* every ``SwitchGLU`` becomes :class:`DispatchingSwitchGLU`. Called as mlx-lm does,
+  ``switch(x, inds)`` returns ``[.., K, D]``; called with ``scores=`` (and ``shared=``) it also does
+  the routing-weight combine (and adds the shared expert) and returns ``[.., D]``;
+* every GLM-4.x / DeepSeek-V3 MoE block (``noaux_tc`` gate) gets a ``__call__`` that routes with
+  the backend's router kernel and hands ``scores`` and the shared expert to its ``SwitchGLU``.
 
-Backends live in :data:`BACKENDS`: a Metal version drops in by registering
-``BACKENDS["metal"] = (why_not, run)`` with the same signatures as the CUDA one.
+Each call goes to the device's backend when it fits (``why_not_*`` is ``None``), else to mlx-lm's
+stock code, the reference. Backends live in :data:`BACKENDS`; a Metal one drops in by registering
+``BACKENDS["metal"] = Backend(...)`` with the signatures of the CUDA one (:mod:`moedec.kernels.fused`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
+import attrs
 import mlx.core as mx
 from mlx_lm.models.switch_layers import SwitchGLU
 
@@ -22,19 +26,30 @@ from moedec.errors import MoedecError
 
 KERNELS = ("auto", "stock", "fused")
 
-#: Backends that ``auto`` picks. Empty until a fused backend is measured faster than stock end to
-#: end: on an H200 (2026-11-25) the CUDA kernel ran the T=1 MoE layer in 209 us against stock's
-#: 168 us (docs/benchmarks.md), so ``auto`` keeps the stock path and ``fused`` must be asked for.
-AUTO_BACKENDS: frozenset[str] = frozenset()
 
-# backend name -> (why_not(switch, x, indices) -> reason | None, run(switch, x, indices) -> y)
-BACKENDS: dict[str, tuple[Callable, Callable]] = {}
+@attrs.frozen
+class Backend:
+    """One device's fused kernels. ``why_not*`` return ``None`` when the call fits, else a reason."""
+
+    why_not: Callable  # (switch, x, inds) -> str | None
+    switch_glu: Callable  # (switch, x, inds) -> [.., K, D]
+    moe: Callable  # (switch, x, inds, scores, shared | None) -> [.., D]
+    why_not_shared: Callable  # (switch, shared) -> str | None
+    why_not_router: Callable  # (gate, x) -> str | None
+    router: Callable  # (gate, x) -> (inds, scores)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+#: Backends that ``auto`` picks: those measured faster than stock end to end (docs/benchmarks.md).
+AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
 def _register_cuda() -> None:
-    from .fused import fused_switch_glu, why_not_fused
+    from . import fused
 
-    BACKENDS["cuda"] = (why_not_fused, fused_switch_glu)
+    BACKENDS["cuda"] = Backend(fused.why_not_fused, fused.fused_switch_glu, fused.fused_moe,
+                               fused.why_not_shared, fused.why_not_router, fused.fused_router)
 
 
 _register_cuda()
@@ -56,23 +71,63 @@ class DispatchingSwitchGLU(SwitchGLU):
 
     moedec_backend: Optional[str] = None  # set per instance by patch()
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        entry = BACKENDS.get(self.moedec_backend or "")
-        if entry is not None and entry[0](self, x, indices) is None:
-            return entry[1](self, x, indices)
-        return SwitchGLU.__call__(self, x, indices)
+    def __call__(self, x: mx.array, indices: mx.array, scores: Optional[mx.array] = None, shared=None) -> mx.array:
+        be = BACKENDS.get(self.moedec_backend or "")
+        fits = be is not None and be.why_not(self, x, indices) is None
+        if scores is None:
+            return be.switch_glu(self, x, indices) if fits else SwitchGLU.__call__(self, x, indices)
+        if fits:
+            fuse_shared = shared is not None and be.why_not_shared(self, shared) is None
+            y = be.moe(self, x, indices, scores, shared if fuse_shared else None)
+            return y if shared is None or fuse_shared else y + shared(x)
+        y = SwitchGLU.__call__(self, x, indices)  # mlx-lm's MoE combine, verbatim in effect
+        y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+        return y if shared is None else y + shared(x)
+
+
+def _moe_call(self, x: mx.array) -> mx.array:
+    """A GLM-4.x / DeepSeek-V3 MoE block: route, then experts + combine + shared in the switch."""
+    if self.sharding_group is not None or not isinstance(self.switch_mlp, DispatchingSwitchGLU):
+        return self._moedec_stock_call(x)
+    be = BACKENDS.get(self.moedec_backend or "")
+    if be is not None and be.why_not_router(self.gate, x) is None:
+        inds, scores = be.router(self.gate, x)
+    else:
+        inds, scores = self.gate(x)
+    shared = self.shared_experts if self.config.n_shared_experts is not None else None
+    return self.switch_mlp(x, inds, scores=scores, shared=shared)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_block_class(cls: type) -> type:
+    return type(cls.__name__, (cls,), {"__call__": _moe_call, "_moedec_stock_call": cls.__call__,
+                                       "_moedec_fused_block": True, "moedec_backend": None,
+                                       "__module__": cls.__module__})
+
+
+@functools.lru_cache(maxsize=None)
+def _moe_block_classes() -> tuple[type, ...]:
+    from mlx_lm.models import deepseek_v3, glm4_moe
+
+    return glm4_moe.MoE, deepseek_v3.DeepseekV3MoE
 
 
 def switch_layers(model) -> list:
     return [m for _, m in model.named_modules() if isinstance(m, SwitchGLU)]
 
 
-def patch(model, kernel: str = "auto") -> int:
-    """Route the model's ``SwitchGLU`` calls through ``kernel`` (``auto``/``stock``/``fused``).
+def moe_blocks(model) -> list:
+    """The model's MoE blocks whose whole call the fused kernels can take over."""
+    return [m for _, m in model.named_modules()
+            if isinstance(m, _moe_block_classes()) and isinstance(getattr(m, "switch_mlp", None), SwitchGLU)]
 
-    ``auto``: fused where this device has a fused backend measured faster than stock
-    (:data:`AUTO_BACKENDS`), else stock. ``fused`` on a device without one is an error. Returns how many layers dispatch to a fused backend. Idempotent;
-    ``patch(model, "stock")`` undoes it.
+
+def patch(model, kernel: str = "auto") -> int:
+    """Route the model's MoE layers through ``kernel`` (``auto``/``stock``/``fused``).
+
+    ``auto``: fused where this device has a backend in :data:`AUTO_BACKENDS`, else stock. ``fused``
+    on a device without a backend is an error. Returns how many expert layers dispatch to a fused
+    backend. Idempotent; ``patch(model, "stock")`` undoes it.
     """
     if kernel not in KERNELS:
         raise MoedecError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -81,12 +136,11 @@ def patch(model, kernel: str = "auto") -> int:
         raise MoedecError(
             f"the fused MoE kernel needs MLX's CUDA backend (this device: {backend or 'cpu'}); use --kernel stock"
         )
-    if kernel == "fused":
-        use = backend
-    elif kernel == "auto" and backend in AUTO_BACKENDS:
-        use = backend
-    else:
-        use = None
+    use = backend if kernel == "fused" or (kernel == "auto" and backend in AUTO_BACKENDS) else None
+    from .fused import forget
+
+    for _, m in model.named_modules():  # weights may have changed since the last patch
+        forget(m)
     layers = switch_layers(model)
     if kernel == "fused" and not layers:
         raise MoedecError("this model has no SwitchGLU expert layers for the fused kernel")
@@ -98,4 +152,14 @@ def patch(model, kernel: str = "auto") -> int:
         else:
             m.__class__ = DispatchingSwitchGLU
             m.moedec_backend = use
+    for b in moe_blocks(model):
+        fused_block = getattr(type(b), "_moedec_fused_block", False)
+        if use is None:
+            if fused_block:
+                b.__class__ = type(b).__mro__[1]
+                b.__dict__.pop("moedec_backend", None)
+        else:
+            if not fused_block:
+                b.__class__ = _fused_block_class(type(b))
+            b.moedec_backend = use
     return len(layers) if use else 0

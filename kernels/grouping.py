@@ -1,8 +1,10 @@
 """Grouping (token, expert) pairs by expert, and the grouped reference computation.
 
-The CUDA kernel and :func:`grouped_switch_glu` share this logic: sort the ``P = T*K`` pairs by
-expert, cut the sorted list into *slots* (runs of one expert), compute each slot's expert once for
-all its tokens, and write each result back at its original pair index.
+:func:`grouped_switch_glu` is the CPU model of the CUDA kernels: group the ``P = T*K`` pairs into
+*slots* (one per distinct expert), compute each slot's expert once for all its tokens, and write each
+result back at its original pair index. Here the slots come from sorting the pairs by expert; the
+kernels number them by first occurrence instead (``build_slots`` in ``cuda_source``), which changes
+no result: every pair's value is computed on its own.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ def test_grouped_reference_equals_switch_glu(bits, group, t, k, seed):
     ref = sw(x, idx)
     got = grouped_switch_glu(sw, x, idx)
     assert got.shape == ref.shape == (1, t, k, 128)
-    assert mx.allclose(got, ref, atol=1e-4, rtol=1e-3).item()  # GPU matmuls may differ in the last bits
+    atol = 2e-3 if on_gpu else 1e-4  # CUDA's quantized matmuls accumulate in another order
+    assert mx.allclose(got, ref, atol=atol, rtol=1e-3).item()
 
 
 def test_patch_on_cpu_keeps_the_stock_path():
@@ -82,39 +83,162 @@ def test_fused_eligibility_reasons():
     assert "not quantized" in why_not_fused(make_switch(), x, idx)
     assert why_not_fused(make_switch(bits=4), x, idx) is None
     assert "tokens" in why_not_fused(make_switch(bits=4), mx.zeros((1, 17, 128)), mx.zeros((1, 17, 2), dtype=mx.int32))
+    assert "pairs" in why_not_fused(make_switch(bits=4), mx.zeros((1, 16, 128)), mx.zeros((1, 16, 17), dtype=mx.int32))
     assert "bits" in why_not_fused(make_switch(bits=2, group=64), x, idx)
+    assert "tokens" in why_not_fused(make_switch(bits=4), mx.zeros((1, 2, 128)), idx)
+
+
+def _glm_block(seed=0, bits=4, dtype=mx.float32, **cfg):
+    """One glm4_moe MoE block (d=128, expert width 128, 8 experts top-2, one shared expert)."""
+    from mlx_lm.models import glm4_moe
+
+    from moedec.models import model_config
+
+    fields = dict(hidden_size=128, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+    args = glm4_moe.ModelArgs.from_dict(model_config("glm4_moe", **{**fields, **cfg}))
+    mx.random.seed(seed)
+    block = glm4_moe.MoE(args)
+    block.gate.weight = mx.random.normal(block.gate.weight.shape) * 0.1
+    block.gate.e_score_correction_bias = mx.random.normal((8,)) * 0.01
+    block.set_dtype(dtype)
+    if bits:
+        nn.quantize(block, group_size=64, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+    mx.eval(block.parameters())
+    return block
+
+
+def test_patched_block_without_backend_equals_stock():
+    """The plumbing of the fused block (router, then experts + combine + shared expert inside the
+    switch) with no backend falls back to exactly mlx-lm's computation, and accounting still sees
+    every routing."""
+    from moedec.accounting import ExpertTrace
+
+    block = _glm_block()
+    x = mx.random.normal((1, 5, 128), key=mx.random.key(3))
+    ref = block(x)
+    block.__class__ = kernels._fused_block_class(type(block))
+    block.switch_mlp.__class__ = kernels.DispatchingSwitchGLU
+    with ExpertTrace(block, [("switch_mlp", block.switch_mlp)]) as trace:
+        got = block(x)
+        calls = trace.take()
+    assert mx.array_equal(got, ref).item()
+    assert len(calls) == 1 and calls[0][1].shape == (1, 5, 2)
+
+
+def test_patch_is_idempotent_and_undone():
+    from moedec.synthetic import synthetic_glm
+
+    model = synthetic_glm(scale=0.03125, num_hidden_layers=2)
+    kernels.patch(model, "stock")
+    blocks = kernels.moe_blocks(model)
+    assert blocks and all(not getattr(type(b), "_moedec_fused_block", False) for b in blocks)
+    if on_gpu:
+        assert kernels.patch(model, "fused") == kernels.patch(model, "fused") == 1
+        assert all(type(b)._moedec_fused_block for b in blocks)
+        kernels.patch(model, "stock")
+        assert all(type(b).__mro__[0].__module__.endswith("glm4_moe") and not hasattr(type(b), "_moedec_fused_block")
+                   for b in blocks)
 
 
 # -- GPU ------------------------------------------------------------------------------------------
 
 
+def _routings(rng, t, k, pool, e):
+    """[1, T, K] routings with repeats across tokens (experts from a small pool) and a few tokens
+    that take any expert."""
+    rows = [rng.choice(pool if i % 3 else e, size=k, replace=False) for i in range(t)]
+    return mx.array(np.stack(rows).astype(np.uint32))[None]
+
+
+# Each (bits, group, dtype, shared) variant is JIT-compiled once; T is a runtime size.
+VARIANTS = [(4, 32, mx.bfloat16), (4, 64, mx.bfloat16), (4, 128, mx.bfloat16), (8, 32, mx.bfloat16),
+            (8, 64, mx.bfloat16), (8, 128, mx.bfloat16), (4, 64, mx.float16), (4, 64, mx.float32)]
+
+
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits,group,dtype", VARIANTS, ids=lambda v: str(v).replace("mlx.core.", ""))
 def test_fused_matches_reference(bits, group, dtype):
-    """Each (bits, group, dtype, MAXC) variant is JIT-compiled once: keep the T list short."""
-    from moedec.kernels.fused import fused_switch_glu
+    from mlx_lm.models.glm4_moe import MLP
 
-    sw = make_switch(d=512, n=384, e=16, bits=bits, group=group, dtype=dtype)
+    from moedec.kernels.fused import fused_moe, fused_switch_glu, why_not_shared
+
+    d, n, e, k = 512, 384, 16, 4
+    sw = make_switch(d=d, n=n, e=e, bits=bits, group=group, dtype=dtype)
+    shared = MLP(None, hidden_size=d, intermediate_size=n)
+    shared.set_dtype(dtype)
+    nn.quantize(shared, group_size=group, bits=bits)
+    mx.eval(shared.parameters())
+    assert why_not_shared(sw, shared) is None
     rng = np.random.default_rng(bits * group)
-    for t in (1, 3, 8, 16):
-        k = 4
-        # random routings with repeats across tokens: experts drawn from a small pool
-        idx = mx.array(np.stack([rng.choice(6, size=k, replace=False) for _ in range(t)]).astype(np.uint32))[None]
-        x = (mx.random.normal((1, t, 512)) * 0.5).astype(dtype)
-        ref = SwitchGLU.__call__(sw, x, idx).astype(mx.float32)
-        got = fused_switch_glu(sw, x, idx).astype(mx.float32)
-        tol = 2e-2 * float(mx.abs(ref).max()) + 1e-3
-        err = float(mx.abs(got - ref).max())
-        assert err <= tol, f"T={t} bits={bits} group={group} {dtype}: max error {err} > {tol}"
+    for t in (1, 2, 3, 5, 8, 16):
+        idx = _routings(rng, t, k, 6, e)
+        x = (mx.random.normal((1, t, d), key=mx.random.key(t)) * 0.5).astype(dtype)
+        scores = mx.array(rng.random((1, t, k)).astype(np.float32))
+        ref_pairs = SwitchGLU.__call__(sw, x, idx).astype(mx.float32)  # [1, T, K, D]
+        ref = (ref_pairs * scores[..., None]).sum(axis=-2) + shared(x).astype(mx.float32)
+        tol = 2e-2 * float(mx.abs(ref_pairs).max()) + 1e-3
+        err = float(mx.abs(fused_switch_glu(sw, x, idx).astype(mx.float32) - ref_pairs).max())
+        assert err <= tol, f"pairs T={t} bits={bits} group={group} {dtype}: max error {err} > {tol}"
+        got = fused_moe(sw, x, idx, scores, shared)
+        assert got.shape == x.shape and got.dtype == dtype
+        err = float(mx.abs(got.astype(mx.float32) - ref).max())
+        assert err <= 4 * tol, f"block T={t} bits={bits} group={group} {dtype}: max error {err} > {4 * tol}"
+
+
+@gpu
+@pytest.mark.gpu
+def test_fused_token_results_do_not_depend_on_the_other_tokens():
+    """What makes verify == single on the fused path: a token's output is bit-identical whether it
+    is alone in the forward or one of 16."""
+    from moedec.kernels.fused import fused_moe
+
+    sw = make_switch(d=512, n=384, e=16, bits=4, group=64, dtype=mx.bfloat16)
+    rng = np.random.default_rng(0)
+    idx = _routings(rng, 16, 4, 6, 16)
+    x = (mx.random.normal((1, 16, 512)) * 0.5).astype(mx.bfloat16)
+    scores = mx.array(rng.random((1, 16, 4)).astype(np.float32))
+    whole = fused_moe(sw, x, idx, scores)
+    for t in (0, 7, 15):
+        one = fused_moe(sw, x[:, t:t + 1], idx[:, t:t + 1], scores[:, t:t + 1])
+        assert mx.array_equal(one[0, 0], whole[0, t]).item()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
+def test_fused_router_is_a_top_k_of_the_gate(n_group, topk_group):
+    """Same experts as mlx-lm's gate up to near-ties, and weights that are exactly the normalised,
+    scaled sigmoid scores of the experts chosen."""
+    from moedec.kernels.fused import fused_router
+
+    block = _glm_block(bits=None, dtype=mx.bfloat16, n_group=n_group, topk_group=topk_group)
+    gate = block.gate
+    x = (mx.random.normal((1, 16, 128), key=mx.random.key(1))).astype(mx.bfloat16)
+    inds, scores = fused_router(gate, x)
+    ref_inds, ref_scores = gate(x)
+    logits = (x @ gate.weight.T).astype(mx.float32)
+    sig = np.array(mx.sigmoid(logits))[0]  # [T, E]
+    sel = sig + np.array(gate.e_score_correction_bias.astype(mx.float32))
+    inds, scores = np.array(inds)[0], np.array(scores)[0]
+    same = 0
+    for t in range(16):
+        chosen = set(inds[t].tolist())
+        same += chosen == set(np.array(ref_inds)[0, t].tolist())
+        if n_group == 1:
+            rest = [sel[t, e] for e in range(8) if e not in chosen]
+            assert min(sel[t, list(chosen)]) >= max(rest) - 1e-3
+        w = sig[t, inds[t]]
+        assert np.allclose(scores[t], w / w.sum() * 2.5, rtol=1e-5, atol=1e-6)
+    assert same >= 14, f"only {same}/16 tokens chose the same experts as mlx-lm's gate"
 
 
 @gpu
 @pytest.mark.gpu
 def test_fused_kernel_is_lossless_end_to_end():
-    """float32 activations and scales, so the near-tie rule of DESIGN.md applies as on CPU."""
+    """float32 activations and scales; the fused kernels make each token's MoE output independent
+    of the forward it is in, so verify == single holds on the MoE side (near-ties aside)."""
     from moedec.synthetic import synthetic_glm
     from moedec.testing import compare_greedy, oracle_greedy
 
@@ -125,8 +249,9 @@ def test_fused_kernel_is_lossless_end_to_end():
     assert kernels.patch(model, "fused") > 0
     try:
         for p, ref in zip(prompts, refs):
-            got = moedec.generate(model, p, max_tokens=24, eos_token_ids=[])
-            div = compare_greedy(ref, got.tokens, atol=1e-4)
-            assert div is None or div.near_tie, div.describe()
+            for strategy in ("single", "prompt-lookup"):
+                got = moedec.generate(model, p, max_tokens=24, strategy=strategy, eos_token_ids=[])
+                div = compare_greedy(ref, got.tokens, atol=5e-3)
+                assert div is None or div.near_tie, div.describe()
     finally:
         kernels.patch(model, "stock")
