@@ -67,6 +67,7 @@ def stream_generate(
     max_draft: int = 32,
     plugins: Sequence[object] = (),
     kernel: str = "auto",
+    compile_step: bool = False,
     **options: Any,
 ) -> Decoder:
     """A :class:`~moedec.engine.Decoder`: iterate it for :class:`~moedec.Chunk` s as each step
@@ -87,7 +88,7 @@ def stream_generate(
         model, ids, instance, strategy_label=label, sampling=sampling, max_tokens=max_tokens,
         seed=seed, tokenizer=tokenizer, stop=stop,
         eos_token_ids=_eos_ids(tokenizer) if eos_token_ids is None else eos_token_ids,
-        max_draft=max_draft, observers=observers,
+        max_draft=max_draft, observers=observers, compile_step=compile_step,
     )
 
 
@@ -107,6 +108,7 @@ def generate(
     max_draft: int = 32,
     plugins: Sequence[object] = (),
     kernel: str = "auto",
+    compile_step: bool = False,
     **options: Any,
 ) -> Generation:
     """Generate from ``prompt`` with a decoding ``strategy``; returns a :class:`~moedec.Generation`.
@@ -121,11 +123,13 @@ def generate(
     ``plugins``: extra observer objects for this call (e.g. ``wrapper=True`` hook implementations).
     ``kernel``: the MoE expert kernel, ``auto`` (fused where this device has it, else stock),
     ``stock`` (mlx-lm's ``SwitchGLU``) or ``fused`` (an error where unavailable).
+    ``compile_step``: run the engine's plain single-token steps as one ``mx.compile`` d graph
+    (:mod:`moedec.compiled`; same results; off by default until measured faster on a GPU).
     """
     dec = stream_generate(
         model, prompt, strategy, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
         top_k=top_k, seed=seed, tokenizer=tokenizer, stop=stop, eos_token_ids=eos_token_ids,
-        max_draft=max_draft, plugins=plugins, kernel=kernel, **options,
+        max_draft=max_draft, plugins=plugins, kernel=kernel, compile_step=compile_step, **options,
     )
     for _ in dec:
         pass

@@ -123,6 +123,7 @@ def run_generate(
     out=None,
     err=None,
     prompts_file: Optional[str] = None,
+    compile_step: bool = False,
 ) -> dict[str, Any]:
     """What ``moedec generate`` does; returns the result dict (tokens, text, stats). With
     ``prompts_file``: one JSON result a line for every prompt in it (see :mod:`moedec.batch_cli`)."""
@@ -150,7 +151,7 @@ def run_generate(
         print(f"[model: {label}]", file=err)
     dec = stream_generate(
         m, prompt, instance, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
-        seed=seed, tokenizer=tok, stop=stop, kernel=kernel,
+        seed=seed, tokenizer=tok, stop=stop, kernel=kernel, compile_step=compile_step,
     )
     for chunk in dec:
         if not as_json and chunk.text:
@@ -189,12 +190,13 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
     kernel: str = typer.Option("auto", "--kernel", help="MoE expert kernel: auto, stock or fused (CUDA)."),
+    compile_step: bool = typer.Option(False, "--compile-step", help="Run single-token steps as one mx.compile'd graph (same output; experimental)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="File of prompts (JSONL {\"prompt\": ...} or one a line; - for stdin): one JSON result a line."),
 ) -> None:
     """Generate text with a decoding strategy, streaming it as it is decoded."""
     _warn_plugin_failures()
     run_generate(prompt, model, strategy, option, max_tokens, temp, top_p, top_k, seed, stop, as_json, kernel,
-                 prompts_file=prompts)
+                 prompts_file=prompts, compile_step=compile_step)
 
 
 from .cli_bench import register as _register_bench; _register_bench(app)  # noqa: E402,E702  bench, explain

@@ -15,6 +15,7 @@ import mlx.core as mx
 import pluggy
 
 from . import hookspecs
+from .compiled import CompiledSteps, why_not_compiled
 from .defaults import EngineDefaults
 from .errors import MoedecError, PluginError
 from .forward import cache_length, forward, new_cache, require_trimmable, rewind
@@ -52,8 +53,11 @@ class Decoder:
         eos_token_ids: Sequence[int] = (),
         max_draft: int = 32,
         observers: Sequence[object] = (),
+        compile_step: bool = False,
     ):
         self.model = model
+        self.compile_step = compile_step
+        self.compile_reason: Optional[str] = None  # why the last pipelined run was not compiled
         self.strategy = strategy
         self.label = strategy_label
         self.vocab = vocab_size_of(model)
@@ -171,21 +175,38 @@ class Decoder:
         return True
 
     def _pipelined(self, y: mx.array) -> Iterator[Chunk]:
-        """Single-token decoding with one step in flight (see :meth:`_pipelinable`)."""
+        """Single-token decoding with one step in flight (see :meth:`_pipelinable`), through the
+        compiled step (:mod:`moedec.compiled`) where ``compile_step`` allows it."""
         st = self.state
-        while True:
-            nxt = None
-            if st.remaining > 1:  # another token will be needed: queue its forward now
-                logits, hidden = forward(self.model, y.reshape(1), st.cache)  # [1, V], [1, D]
-                nxt = st.sample(logits[-1])
-                mx.async_eval(nxt)
-                self.forwards += 1
-            chunk = self._commit([int(y.item())])
-            if chunk is not None:
-                yield chunk
-            if self.finish_reason != "running":
-                return
-            y = nxt
+        steps = None
+        self.compile_reason = why_not_compiled(self.model, st.cache) if self.compile_step else "compile_step is off"
+        if self.compile_reason is None:
+            steps = CompiledSteps(self.model, st.cache)
+        try:
+            while True:
+                nxt = None
+                if st.remaining > 1:  # another token will be needed: queue its forward now
+                    logits = None
+                    if steps is not None:
+                        try:
+                            logits = steps(y.reshape(1, 1))  # [1, V]
+                        except Exception as e:  # the model does not trace: go on with the plain step
+                            steps.write_back()
+                            steps, self.compile_reason = None, f"tracing failed: {type(e).__name__}: {e}"
+                    if logits is None:
+                        logits, _ = forward(self.model, y.reshape(1), st.cache)  # [1, V], [1, D]
+                    nxt = st.sample(logits[-1])
+                    mx.async_eval(nxt)
+                    self.forwards += 1
+                chunk = self._commit([int(y.item())])
+                if chunk is not None:
+                    yield chunk
+                if self.finish_reason != "running":
+                    return
+                y = nxt
+        finally:
+            if steps is not None:
+                steps.write_back()
 
     def _step(self) -> Acceptance:
         st = self.state

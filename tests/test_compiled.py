@@ -1,0 +1,62 @@
+"""The compiled single-token step (moedec.compiled): same tokens and same cache as the plain step."""
+
+import mlx.core as mx
+import pytest
+
+import moedec
+from moedec import compiled
+from moedec.testing import compare_greedy, oracle_greedy, tiny_moe
+
+PROMPTS = [[1, 2, 3, 4, 5], [9] * 12]
+
+
+@pytest.mark.parametrize("arch", sorted(compiled.COMPILABLE))
+def test_compiled_step_decodes_like_mlx_lm(arch, monkeypatch):
+    monkeypatch.setattr(compiled, "CHUNK", 8)  # the buffers grow (and the step is traced again) often
+    model = tiny_moe(arch)
+    for p in PROMPTS:
+        dec = moedec.stream_generate(model, p, max_tokens=30, eos_token_ids=[], compile_step=True)
+        tokens = [t for chunk in dec for t in chunk.tokens]
+        assert dec.compile_reason is None
+        div = compare_greedy(oracle_greedy(model, p, 30), tokens, atol=1e-4)
+        assert div is None or div.near_tie, div.describe()
+
+
+def test_cache_written_back_equals_the_plain_one():
+    model = tiny_moe("glm4_moe")
+    caches = {}
+    for on in (False, True):
+        dec = moedec.stream_generate(model, PROMPTS[0], max_tokens=20, eos_token_ids=[], compile_step=on)
+        for _ in dec:
+            pass
+        caches[on] = dec.state.cache
+    for plain, comp in zip(caches[False], caches[True]):
+        assert comp.offset == plain.offset == len(PROMPTS[0]) + 19  # the last token is not fed back
+        n = plain.offset
+        assert mx.allclose(comp.keys[..., :n, :], plain.keys[..., :n, :], atol=1e-5).item()
+        assert mx.allclose(comp.values[..., :n, :], plain.values[..., :n, :], atol=1e-5).item()
+
+
+def test_uncompilable_models_and_failed_traces_take_the_plain_step(monkeypatch):
+    model = tiny_moe("glm4_moe")
+    ref = moedec.generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[]).tokens
+    monkeypatch.setattr(compiled, "COMPILABLE", frozenset())
+    dec = moedec.stream_generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[], compile_step=True)
+    assert tuple(t for c in dec for t in c.tokens) == tuple(ref)
+    assert "not among the compilable" in dec.compile_reason
+    monkeypatch.setattr(compiled, "COMPILABLE", frozenset({"glm4_moe"}))
+
+    def broken(self, n, return_array=False, window_size=None):
+        raise RuntimeError("no mask here")
+
+    monkeypatch.setattr(compiled.StaticKVCache, "make_mask", broken)
+    dec = moedec.stream_generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[], compile_step=True)
+    assert tuple(t for c in dec for t in c.tokens) == tuple(ref)
+    assert dec.compile_reason.startswith("tracing failed: RuntimeError")
+
+
+def test_off_by_default():
+    dec = moedec.stream_generate(tiny_moe("glm4_moe"), PROMPTS[0], max_tokens=4, eos_token_ids=[])
+    for _ in dec:
+        pass
+    assert dec.compile_reason == "compile_step is off"
