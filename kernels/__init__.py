@@ -41,7 +41,8 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {}
 
-#: Backends that ``auto`` picks: those measured faster than stock end to end (docs/benchmarks.md).
+#: Backends that ``auto`` picks for the MoE blocks of :func:`moe_blocks`: measured faster than stock
+#: end to end (H200, 2026-11-26: 407 vs 283 tok/s, docs/benchmarks.md).
 AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
@@ -125,9 +126,11 @@ def moe_blocks(model) -> list:
 def patch(model, kernel: str = "auto") -> int:
     """Route the model's MoE layers through ``kernel`` (``auto``/``stock``/``fused``).
 
-    ``auto``: fused where this device has a backend in :data:`AUTO_BACKENDS`, else stock. ``fused``
-    on a device without a backend is an error. Returns how many expert layers dispatch to a fused
-    backend. Idempotent; ``patch(model, "stock")`` undoes it.
+    ``auto``: where this device has a backend in :data:`AUTO_BACKENDS`, the fused kernels take over
+    what they were measured faster on, the whole MoE blocks of GLM-4.x / DeepSeek-V3 models
+    (:func:`moe_blocks`); every other layer keeps mlx-lm's stock path. ``fused``: every
+    ``SwitchGLU`` layer as well (an error on a device without a backend). Returns how many expert
+    layers dispatch to a fused backend. Idempotent; ``patch(model, "stock")`` undoes it.
     """
     if kernel not in KERNELS:
         raise MoedecError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -144,15 +147,20 @@ def patch(model, kernel: str = "auto") -> int:
     layers = switch_layers(model)
     if kernel == "fused" and not layers:
         raise MoedecError("this model has no SwitchGLU expert layers for the fused kernel")
+    blocks = moe_blocks(model)
+    in_blocks = {id(b.switch_mlp) for b in blocks}
+    fused = 0
     for m in layers:
-        if use is None:
+        target = use if kernel == "fused" or id(m) in in_blocks else None
+        if target is None:
             if isinstance(m, DispatchingSwitchGLU):
                 m.__class__ = SwitchGLU
                 m.__dict__.pop("moedec_backend", None)
         else:
             m.__class__ = DispatchingSwitchGLU
-            m.moedec_backend = use
-    for b in moe_blocks(model):
+            m.moedec_backend = target
+            fused += 1
+    for b in blocks:
         fused_block = getattr(type(b), "_moedec_fused_block", False)
         if use is None:
             if fused_block:
@@ -162,4 +170,4 @@ def patch(model, kernel: str = "auto") -> int:
             if not fused_block:
                 b.__class__ = _fused_block_class(type(b))
             b.moedec_backend = use
-    return len(layers) if use else 0
+    return fused

@@ -255,3 +255,44 @@ def test_fused_kernel_is_lossless_end_to_end():
                 assert div is None or div.near_tie, div.describe()
     finally:
         kernels.patch(model, "stock")
+
+
+def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
+    """With a backend present (a CPU stand-in computing the reference), ``auto`` routes the GLM MoE
+    blocks through its block op (combine and shared expert included) and leaves other models'
+    SwitchGLU layers on the stock path; ``fused`` takes those too. Outputs stay mlx-lm's."""
+    from moedec.testing import compare_greedy, oracle_greedy, tiny_moe
+
+    calls = []
+
+    def moe(sw, x, inds, scores, shared):
+        calls.append("block")
+        y = (grouped_switch_glu(sw, x, inds) * scores[..., None]).sum(axis=-2).astype(x.dtype)
+        return y if shared is None else y + shared(x)
+
+    def pairs(sw, x, inds):
+        calls.append("pairs")
+        return grouped_switch_glu(sw, x, inds)
+
+    fake = kernels.Backend(why_not=lambda sw, x, i: None, switch_glu=pairs, moe=moe,
+                           why_not_shared=lambda sw, sh: None, why_not_router=lambda g, x: "stand-in has no router",
+                           router=None)
+    monkeypatch.setitem(kernels.BACKENDS, "stand-in", fake)
+    monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
+    monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
+    glm, qwen = tiny_moe("glm4_moe"), tiny_moe("qwen3_moe")
+    prompt = [3, 1, 4, 1, 5]
+    try:
+        assert kernels.patch(glm, "auto") == len(kernels.moe_blocks(glm)) > 0
+        assert kernels.patch(qwen, "auto") == 0
+        got = moedec.generate(glm, prompt, max_tokens=12, eos_token_ids=[], kernel="auto")
+        kernels.patch(glm, "stock")
+        div = compare_greedy(oracle_greedy(glm, prompt, 12), got.tokens, atol=1e-4)
+        assert div is None or div.near_tie, div.describe()
+        assert "block" in calls and "pairs" not in calls
+        assert kernels.patch(qwen, "fused") == len(kernels.switch_layers(qwen))
+        qwen(mx.array([prompt]))
+        assert "pairs" in calls
+    finally:
+        kernels.patch(glm, "stock")
+        kernels.patch(qwen, "stock")
