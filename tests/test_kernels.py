@@ -296,3 +296,16 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
     finally:
         kernels.patch(glm, "stock")
         kernels.patch(qwen, "stock")
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_sources_compile_for_hopper_without_spills(bits):
+    """The CUDA sources as mx.fast.cuda_kernel assembles them compile for sm_90a (a CUDA error shows
+    up here, before any GPU run) and keep everything in registers."""
+    from moedec.kernels.resources import resources, variants
+
+    for name, source in variants(bits, 512, 384, 16, 4).items():
+        report = resources(source)
+        assert "Used" in report and "registers" in report, f"{name}: {report}"
+        assert " 0 bytes spill stores" in report, f"{name} spills: {report}"
