@@ -34,15 +34,19 @@ SUPPORTED_GROUPS = (32, 64, 128)
 FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 
 
+#: kernel -> (input names, output names, body)
+SIGNATURES = {
+    "router": (["x", "w", "bias", "rsf"], ["inds", "scores"], ROUTER),
+    "gate_up": (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"],
+                ["act"], GATE_UP),
+    "down": (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"], DOWN),
+    "copy": (["src"], ["dst"], COPY),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str):
-    inputs, outputs, source = {
-        "router": (["x", "w", "bias", "rsf"], ["inds", "scores"], ROUTER),
-        "gate_up": (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"],
-                    ["act"], GATE_UP),
-        "down": (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"], DOWN),
-        "copy": (["src"], ["dst"], COPY),
-    }[name]
+    inputs, outputs, source = SIGNATURES[name]
     return mx.fast.cuda_kernel(name=f"moedec_{name}", input_names=inputs, output_names=outputs,
                                source=_minify(source), header=_minify(HEADER))
 

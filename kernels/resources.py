@@ -29,21 +29,19 @@ using Strides = cuda::std::array<int64_t, 10>;
 """
 
 
-def kernel_source(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]], template: list,
-                  body: str, header: str) -> str:
-    """The translation unit MLX's ``cuda_kernel`` compiles (see ``build_kernel`` in MLX's
-    ``custom_kernel.cpp``): shapes/strides/ndim parameters only for inputs whose ``<name>_shape`` etc.
-    appear in the body."""
+def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
+    """The translation unit MLX's ``cuda_kernel`` compiles for kernel ``name`` of
+    :data:`fused.SIGNATURES` (see ``build_kernel`` in MLX's ``custom_kernel.cpp``): inputs and outputs
+    typed by ``dtypes`` (name -> dtype; weights default to uint32), shape/strides/ndim parameters
+    only for inputs whose ``<name>_shape`` etc. appear in the body, the template as constants."""
+    inputs, outputs, body = fused.SIGNATURES[name]
     params = []
-    for n, t in inputs:
-        params.append(f"const {CUDA_TYPES[t]}* {n}")
-        if f"{n}_shape" in body:
-            params.append(f"const __grid_constant__ Shape {n}_shape")
-        if f"{n}_strides" in body:
-            params.append(f"const __grid_constant__ Strides {n}_strides")
-        if f"{n}_ndim" in body:
-            params.append(f"const __grid_constant__ int {n}_ndim")
-    params += [f"{CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    for n in inputs:
+        params.append(f"const {CUDA_TYPES[dtypes.get(n, 'uint32')]}* {n}")
+        for suffix, kind in (("shape", "Shape"), ("strides", "Strides"), ("ndim", "int")):
+            if f"{n}_{suffix}" in body:
+                params.append(f"const __grid_constant__ {kind} {n}_{suffix}")
+    params += [f"{CUDA_TYPES[dtypes[n]]}* {n}" for n in outputs]
     consts = []
     for k, v in template:
         if isinstance(v, bool):
@@ -52,29 +50,22 @@ def kernel_source(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[
             consts.append(f"  constexpr int {k} = {v};")
         else:
             consts.append(f"  using {k} = {CUDA_TYPES[v]};")
-    return (PRELUDE + fused._minify(header) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
+    return (PRELUDE + fused._minify(src.HEADER) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
             + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
 
 
 def variants(bits: int, d: int, n: int, experts: int, top_k: int) -> dict[str, str]:
     """The three kernels' sources for bf16 activations and scales, ``bits``-bit experts ``d -> n``."""
+    bf16 = dict.fromkeys(["x", "w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd",
+                          "hbd", "y"], "bfloat16")
+    dtypes = {**bf16, "inds": "int32", "meta": "int32", "rsf": "float32", "scores": "float32", "act": "float32"}
     common = [("X", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("TB", fused.TB)]
-    gate_up_in = [("x", "bfloat16"), ("inds", "int32"), ("meta", "int32"),
-                  ("wg", "uint32"), ("sg", "bfloat16"), ("bg", "bfloat16"), ("wu", "uint32"), ("su", "bfloat16"),
-                  ("bu", "bfloat16"), ("hg", "uint32"), ("hsg", "bfloat16"), ("hbg", "bfloat16"), ("hu", "uint32"),
-                  ("hsu", "bfloat16"), ("hbu", "bfloat16")]
-    down_in = [("act", "float32"), ("inds", "int32"), ("scores", "float32"), ("meta", "int32"),
-               ("wd", "uint32"), ("sd", "bfloat16"), ("bd", "bfloat16"), ("hd", "uint32"), ("hsd", "bfloat16"),
-               ("hbd", "bfloat16")]
-    router_in = [("x", "bfloat16"), ("w", "bfloat16"), ("bias", "bfloat16"), ("rsf", "float32")]
     return {
-        "gate_up": kernel_source("gate_up", gate_up_in, [("act", "float32")],
-                                 common + [("DIN", d), ("NOUT", n)], src.GATE_UP, src.HEADER),
-        "down": kernel_source("down", down_in, [("y", "bfloat16")],
-                              common + [("DIN", n), ("NOUT", d), ("ROWS", fused.ROWS), ("R", fused.R)], src.DOWN, src.HEADER),
-        "router": kernel_source("router", router_in, [("inds", "int32"), ("scores", "float32")],
-                                [("X", "bfloat16"), ("R", "bfloat16"), ("W", "bfloat16"), ("B", "bfloat16"), ("DIN", d),
-                                 ("NE", experts), ("K", top_k), ("NG", 1), ("TG", 1), ("NORM", True)], src.ROUTER, src.HEADER),
+        "gate_up": kernel_source("gate_up", common + [("DIN", d), ("NOUT", n)], dtypes),
+        "down": kernel_source("down", common + [("DIN", n), ("NOUT", d), ("ROWS", fused.ROWS), ("R", fused.R)], dtypes),
+        "router": kernel_source("router", [("X", "bfloat16"), ("R", "bfloat16"), ("W", "bfloat16"), ("B", "bfloat16"),
+                                           ("DIN", d), ("NE", experts), ("K", top_k), ("NG", 1), ("TG", 1),
+                                           ("NORM", True)], {**dtypes, "inds": "int32"}),
     }
 
 
