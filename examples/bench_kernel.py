@@ -17,7 +17,7 @@ Timings are steady state: every measured batch of calls is first run twice with 
 graph, so MLX's CUDA-graph cache is warm, and every call uses other inputs (other routings, cycling
 over the layers) so that no call finds the previous one's experts in L2.
 
-    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--reps 36] [--tb 2] [--json OUT]
+    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--reps 36] [--tb 2] [--chunk-unroll 0] [--json OUT]
 """
 
 from __future__ import annotations
@@ -197,9 +197,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=36)
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--tb", type=int, default=fused.TB, help="tokens per pass of the expert kernels (registers: see examples/kernel_resources.py)")
+    ap.add_argument("--chunk-unroll", type=int, default=fused.CHUNK_UNROLL, help="unroll of the kernels' chunk loop (0: full)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    fused.TB = args.tb
+    fused.TB, fused.CHUNK_UNROLL = args.tb, args.chunk_unroll
 
     print(f"device: {mx.default_device()}  backend: {kernels.device_backend()}")
     plus, wide = copy_bandwidth()

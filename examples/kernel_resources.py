@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from moedec.kernels import fused
 from moedec.kernels.resources import occupancy, resources, variants
 
 
@@ -27,7 +28,10 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=77)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--show", help="print the generated source of this kernel")
+    ap.add_argument("--tb", type=int, default=fused.TB, help="tokens per pass")
+    ap.add_argument("--chunk-unroll", type=int, default=fused.CHUNK_UNROLL, help="0: unroll fully")
     args = ap.parse_args()
+    fused.TB, fused.CHUNK_UNROLL = args.tb, args.chunk_unroll
     for name, source in variants(args.bits, args.d, args.n, args.experts, args.top_k).items():
         if args.show == name:
             print(source)

@@ -255,7 +255,7 @@ ROUTER = r"""
 """
 
 # Template: X activations, S scales/biases dtype, BITS, DIN (= D), NOUT (= N, expert width), TB tokens
-# per pass. Inputs x [.., D], inds [.., K], meta [1] (1: fuse the shared expert), routed gate/up
+# per pass, CHUNK_UNROLL (unroll of the compute loop over a row's chunks; 0: all). Inputs x [.., D], inds [.., K], meta [1] (1: fuse the shared expert), routed gate/up
 # (w, scales, biases) [E, N, ..], shared gate/up [N, ..]. Output act [P (+T), N] float32.
 # A few resident blocks (1-D grid); each builds the slot table once, then each warp strides over
 # the (slot, row) items (the shared expert is slot U): all of an item's loads are issued, then it is
@@ -264,7 +264,7 @@ ROUTER = r"""
 GATE_UP = r"""
   __shared__ moedec::Slots s;
   constexpr int VALS = 128 / BITS, CHUNKS = DIN / VALS, CPL = (CHUNKS + 31) / 32;
-  constexpr int WORDS = DIN * BITS / 32;
+  constexpr int WORDS = DIN * BITS / 32, UNROLL = CHUNK_UNROLL > 0 ? CHUNK_UNROLL : CPL;
   const int GROUPS = sg_shape[2], GROUP = DIN / GROUPS;  // group size from the scales' shape
   int T = 1;
   for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
@@ -298,7 +298,7 @@ GATE_UP = r"""
         pair[j] = b + j < cnt ? (shared ? P + b + j : list[b + j]) : -1;
         ag[j] = 0.f; au[j] = 0.f;
       }
-#pragma unroll
+#pragma unroll UNROLL
       for (int i = 0; i < CPL; ++i) {
         const int c = lane + 32 * i;
         if (c < CHUNKS) {
@@ -333,8 +333,8 @@ GATE_UP = r"""
   }
 """
 
-# Template: X output dtype, S scales dtype, BITS, DIN (= N), NOUT (= D), TB, ROWS (output rows per
-# block), R (rows per warp item). Inputs act [P (+T), N] float32, inds [.., K], scores [.., K] float32,
+# Template: X output dtype, S scales dtype, BITS, DIN (= N), NOUT (= D), TB, CHUNK_UNROLL, ROWS (output
+# rows per block), R (rows per warp item). Inputs act [P (+T), N] float32, inds [.., K], scores [.., K] float32,
 # meta [1], routed down (w, scales, biases) [E, D, ..], shared down [D, ..]. Output y [.., D] (x's
 # shape). Grid: D / ROWS blocks; a block's warps stride over its (slot, R rows) items; each
 # (pair, row) dot goes to shared memory and the block then combines them per token.
@@ -342,7 +342,7 @@ DOWN = r"""
   __shared__ moedec::Slots s;
   __shared__ float s_val[2 * moedec::MAXP * ROWS];  // (pair, or P + token for the shared expert; row)
   constexpr int VALS = 128 / BITS, CHUNKS = DIN / VALS, CPL = (CHUNKS + 31) / 32;
-  constexpr int WORDS = DIN * BITS / 32, RG = ROWS / R;
+  constexpr int WORDS = DIN * BITS / 32, RG = ROWS / R, UNROLL = CHUNK_UNROLL > 0 ? CHUNK_UNROLL : CPL;
   const int GROUPS = sd_shape[2], GROUP = DIN / GROUPS;
   const int K = inds_shape[inds_ndim - 1];
   int P = 1;
@@ -380,7 +380,7 @@ DOWN = r"""
 #pragma unroll
         for (int rr = 0; rr < R; ++rr) acc[j][rr] = 0.f;
       }
-#pragma unroll
+#pragma unroll UNROLL
       for (int i = 0; i < CPL; ++i) {
         const int c = lane + 32 * i;
         if (c < CHUNKS) {

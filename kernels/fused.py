@@ -28,6 +28,7 @@ MAX_EXPERTS = 1024
 ROWS = 16  # output rows per block of the down kernel (its shared memory holds P x ROWS dots)
 R = 4  # down rows per warp item (they share each activation load)
 TB = 2  # tokens per pass over a slot's weight row
+CHUNK_UNROLL = 0  # unroll of the kernels' loop over a row's chunks (0: full; fewer registers below that)
 GATE_UP_BLOCKS = 528  # blocks of the gate/up kernel; their warps stride over the (slot, row) items
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -116,7 +117,8 @@ def _switch_plan(switch) -> _SwitchPlan:
     if n % 128:
         return _SwitchPlan("the expert width must be a multiple of 128")
     arrays = tuple(a for l in layers for a in (l.weight, l.scales, l.biases))
-    return _SwitchPlan(None, arrays, (("S", g.scales.dtype), ("BITS", g.bits), ("TB", TB)), experts, n)
+    return _SwitchPlan(None, arrays, (("S", g.scales.dtype), ("BITS", g.bits), ("TB", TB), ("CHUNK_UNROLL", CHUNK_UNROLL)),
+                       experts, n)
 
 
 def why_not_fused(switch, x: mx.array, indices: mx.array) -> str | None:

@@ -20,8 +20,15 @@ from . import fused
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
               "uint32": "uint32_t"}
 
-PRELUDE = """#include <cuda/std/array>
-#include <cstdint>
+# What MLX's default header (mlx/backend/cuda/device/utils.cuh) brings in, and its Shape/Strides.
+PRELUDE = """#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda/std/array>
+#include <cuda/std/complex>
+#include <cuda/std/cstdint>
+#include <cuda/std/limits>
+#include <cuda/std/tuple>
+#include <cuda/std/type_traits>
 namespace mlx::core::cu {
 using Shape = cuda::std::array<int32_t, 10>;
 using Strides = cuda::std::array<int64_t, 10>;
@@ -59,7 +66,7 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int) -> dict[str, s
     bf16 = dict.fromkeys(["x", "w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd",
                           "hbd", "y"], "bfloat16")
     dtypes = {**bf16, "inds": "int32", "meta": "int32", "rsf": "float32", "scores": "float32", "act": "float32"}
-    common = [("X", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("TB", fused.TB)]
+    common = [("X", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("TB", fused.TB), ("CHUNK_UNROLL", fused.CHUNK_UNROLL)]
     return {
         "gate_up": kernel_source("gate_up", common + [("DIN", d), ("NOUT", n)], dtypes),
         "down": kernel_source("down", common + [("DIN", n), ("NOUT", d), ("ROWS", fused.ROWS), ("R", fused.R)], dtypes),
