@@ -98,7 +98,8 @@ def forget(module) -> None:
 class _SwitchPlan:
     reason: str | None  # why the weights cannot go to the kernels, or None
     arrays: tuple = ()  # gate (w, scales, biases), up (...), down (...)
-    template: tuple = ()  # the static part of the kernels' template
+    scales: object = None  # the scales' dtype
+    bits: int = 0
     experts: int = 0
     width: int = 0  # N, the expert's intermediate width
 
@@ -117,8 +118,14 @@ def _switch_plan(switch) -> _SwitchPlan:
     if n % 128:
         return _SwitchPlan("the expert width must be a multiple of 128")
     arrays = tuple(a for l in layers for a in (l.weight, l.scales, l.biases))
-    return _SwitchPlan(None, arrays, (("S", g.scales.dtype), ("BITS", g.bits), ("TB", TB), ("CHUNK_UNROLL", CHUNK_UNROLL)),
-                       experts, n)
+    return _SwitchPlan(None, arrays, g.scales.dtype, g.bits, experts, n)
+
+
+def expert_templates(x_dtype, scales_dtype, bits: int, d: int, n: int) -> tuple[list, list]:
+    """Template arguments of the gate/up and down kernels for experts ``d -> n`` (what
+    :mod:`moedec.kernels.resources` compiles too). Few variants: each is JIT-compiled."""
+    common = [("X", x_dtype), ("S", scales_dtype), ("BITS", bits), ("TB", TB), ("CHUNK_UNROLL", CHUNK_UNROLL)]
+    return common + [("DIN", d), ("NOUT", n)], common + [("DIN", n), ("NOUT", d), ("ROWS", ROWS), ("R", R)]
 
 
 def why_not_fused(switch, x: mx.array, indices: mx.array) -> str | None:
@@ -147,13 +154,15 @@ class _SharedPlan:
 
 def why_not_shared(switch, shared) -> str | None:
     """``None`` if the shared expert MLP can be fused as one more slot of ``switch``."""
-    if shared is None:
-        return "no shared expert"
+    return "no shared expert" if shared is None else _shared_plan_of(switch, shared).reason
+
+
+def _shared_plan_of(switch, shared) -> _SharedPlan:
     plan = _plan(shared, lambda m: _shared_plan(switch, m))
-    if plan.switch != id(switch):
+    if plan.switch != id(switch):  # checked against another switch: check again
         forget(shared)
         plan = _plan(shared, lambda m: _shared_plan(switch, m))
-    return plan.reason
+    return plan
 
 
 def _shared_plan(switch, shared) -> _SharedPlan:
@@ -187,7 +196,7 @@ def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None
     :func:`why_not_fused` and :func:`why_not_shared` first)."""
     plan = _plan(switch, _switch_plan)
     wg, sg, bg, wu, su, bu, wd, sd, bd = plan.arrays
-    h = _plan(shared, lambda m: _shared_plan(switch, m)).arrays if shared is not None else plan.arrays
+    h = _shared_plan_of(switch, shared).arrays if shared is not None else plan.arrays
     d, e, n = x.shape[-1], plan.experts, plan.width
     p = inds.size
     t = p // inds.shape[-1]
@@ -197,10 +206,10 @@ def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None
         scores = scores.astype(mx.float32)
     meta = _int(int(shared is not None))
     slots = min(p, e) + (shared is not None)
-    common = [("X", x.dtype), *plan.template]  # few variants: each is JIT-compiled
+    gate_up_template, down_template = expert_templates(x.dtype, plan.scales, plan.bits, d, n)
     (act,) = _kernel("gate_up")(
         inputs=[x, inds, meta, wg, sg, bg, wu, su, bu, *h[:6]],
-        template=common + [("DIN", d), ("NOUT", n)],
+        template=gate_up_template,
         grid=(min(GATE_UP_BLOCKS, -(-slots * n // (2 * WARPS))) * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(p + t * (shared is not None), n)],
@@ -208,7 +217,7 @@ def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None
     )  # [P (+T), N]: row p = pair p, row P + t = token t's shared expert
     (y,) = _kernel("down")(
         inputs=[act, inds, scores, meta, wd, sd, bd, *h[6:]],
-        template=common + [("DIN", n), ("NOUT", d), ("ROWS", ROWS), ("R", R)],
+        template=down_template,
         grid=(-(-d // ROWS) * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[x.shape],
@@ -240,9 +249,23 @@ def _noaux_gates() -> tuple[type, ...]:
 class _GatePlan:
     reason: str | None
     inputs: tuple = ()  # weight, correction bias, scaling factor
-    template: tuple = ()
-    width: int = 0
-    top_k: int = 0
+    spec: tuple = ()  # router_template's arguments after x's dtype
+
+    @property
+    def width(self) -> int:
+        return self.spec[2]
+
+    @property
+    def top_k(self) -> int:
+        return self.spec[4]
+
+
+def router_template(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
+                    top_groups: int, norm: bool) -> list:
+    """Template arguments of the router kernel (what :mod:`moedec.kernels.resources` compiles too)."""
+    logit = x_dtype if x_dtype == w_dtype else mx.float32  # dtype of mlx-lm's x @ w.T
+    return [("X", x_dtype), ("R", logit), ("W", w_dtype), ("B", bias_dtype), ("DIN", d), ("NE", experts),
+            ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm)]
 
 
 def _gate_plan(gate) -> _GatePlan:
@@ -259,9 +282,8 @@ def _gate_plan(gate) -> _GatePlan:
         return _GatePlan("unsupported expert grouping")
     if d % 8:
         return _GatePlan("the hidden width must be a multiple of 8")
-    template = (("W", w.dtype), ("B", bias.dtype), ("DIN", d), ("NE", e), ("K", k), ("NG", ng), ("TG", tg),
-                ("NORM", bool(gate.norm_topk_prob)))
-    return _GatePlan(None, (w, bias, _scalar(float(gate.routed_scaling_factor))), template, d, k)
+    spec = (w.dtype, bias.dtype, d, e, k, ng, tg, bool(gate.norm_topk_prob))
+    return _GatePlan(None, (w, bias, _scalar(float(gate.routed_scaling_factor))), spec)
 
 
 def why_not_router(gate, x: mx.array) -> str | None:
@@ -287,11 +309,9 @@ def _int(v: int) -> mx.array:
 def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
     """mlx-lm's ``MoEGate(x)`` in one kernel: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``."""
     plan = _plan(gate, _gate_plan)
-    w = plan.inputs[0]
-    logit = x.dtype if x.dtype == w.dtype else mx.float32  # dtype of mlx-lm's x @ w.T
     inds, scores = _kernel("router")(
         inputs=[x, *plan.inputs],
-        template=[("X", x.dtype), ("R", logit), *plan.template],
+        template=router_template(x.dtype, *plan.spec),
         grid=(x.size // plan.width * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(*x.shape[:-1], plan.top_k)] * 2,

@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
+
 from . import cuda_source as src
 from . import fused
 
@@ -55,24 +57,23 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
             consts.append(f"  constexpr bool {k} = {'true' if v else 'false'};")
         elif isinstance(v, int):
             consts.append(f"  constexpr int {k} = {v};")
-        else:
-            consts.append(f"  using {k} = {CUDA_TYPES[v]};")
+        else:  # an mx.Dtype
+            consts.append(f"  using {k} = {CUDA_TYPES[str(v).rsplit('.', 1)[-1]]};")
     return (PRELUDE + fused._minify(src.HEADER) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
             + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
 
 
 def variants(bits: int, d: int, n: int, experts: int, top_k: int) -> dict[str, str]:
     """The three kernels' sources for bf16 activations and scales, ``bits``-bit experts ``d -> n``."""
-    bf16 = dict.fromkeys(["x", "w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd",
-                          "hbd", "y"], "bfloat16")
-    dtypes = {**bf16, "inds": "int32", "meta": "int32", "rsf": "float32", "scores": "float32", "act": "float32"}
-    common = [("X", "bfloat16"), ("S", "bfloat16"), ("BITS", bits), ("TB", fused.TB), ("CHUNK_UNROLL", fused.CHUNK_UNROLL)]
+    halves = dict.fromkeys(["x", "w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd",
+                            "hbd", "y"], "bfloat16")
+    dtypes = {**halves, "inds": "int32", "meta": "int32", "rsf": "float32", "scores": "float32", "act": "float32"}
+    bf16 = mx.bfloat16
+    gate_up, down = fused.expert_templates(bf16, bf16, bits, d, n)
     return {
-        "gate_up": kernel_source("gate_up", common + [("DIN", d), ("NOUT", n)], dtypes),
-        "down": kernel_source("down", common + [("DIN", n), ("NOUT", d), ("ROWS", fused.ROWS), ("R", fused.R)], dtypes),
-        "router": kernel_source("router", [("X", "bfloat16"), ("R", "bfloat16"), ("W", "bfloat16"), ("B", "bfloat16"),
-                                           ("DIN", d), ("NE", experts), ("K", top_k), ("NG", 1), ("TG", 1),
-                                           ("NORM", True)], {**dtypes, "inds": "int32"}),
+        "gate_up": kernel_source("gate_up", gate_up, dtypes),
+        "down": kernel_source("down", down, dtypes),
+        "router": kernel_source("router", fused.router_template(bf16, bf16, bf16, d, experts, top_k, 1, 1, True), dtypes),
     }
 
 
