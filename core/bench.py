@@ -194,6 +194,21 @@ def compare_outputs(model, prompt: Sequence[int], ref: Sequence[int], got: Seque
 # -- the benchmark --------------------------------------------------------------------------------
 
 
+def mlx_lm_decode(model, prompt: Sequence[int], max_tokens: int) -> tuple[float, list[int]]:
+    """mlx-lm's own greedy ``generate_step`` on ``prompt``, the baseline of the benchmark scripts:
+    ``(decode tok/s, tokens)``, timed from the first token on (prefill excluded)."""
+    import time
+
+    from mlx_lm.generate import generate_step
+
+    tokens, t1 = [], None
+    for i, (y, _) in enumerate(generate_step(mx.array(list(prompt)), model, max_tokens=max_tokens)):
+        if i == 0:
+            t1 = time.perf_counter()
+        tokens.append(int(y))
+    return (max_tokens - 1) / (time.perf_counter() - t1), tokens
+
+
 def _accounting_summary(records: list[ForwardRecord], decoded: int) -> dict[str, Any]:
     cost = costmodel.ForwardCost.from_records(records)
     by_t: dict[int, list[ForwardRecord]] = {}

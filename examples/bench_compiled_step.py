@@ -12,21 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-
-import mlx.core as mx
-from mlx_lm.generate import generate_step
 
 import moedec
 from moedec import kernels
-
-
-def mlx_lm_tps(model, prompt, n):
-    t1 = None
-    for i, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=n)):
-        if i == 0:
-            t1 = time.perf_counter()
-    return (n - 1) / (time.perf_counter() - t1)
+from moedec.bench import mlx_lm_decode
 
 
 def main() -> None:
@@ -51,7 +40,7 @@ def main() -> None:
     res: dict[str, list] = {}
     for r in range(args.rounds + 1):
         kernels.patch(model, "stock")
-        tps = {"mlx-lm": mlx_lm_tps(model, prompt, args.tokens)}
+        tps = {"mlx-lm": mlx_lm_decode(model, prompt, args.tokens)[0]}
         for kind in kinds:
             out = {}
             for on in (False, True):

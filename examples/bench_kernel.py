@@ -30,12 +30,12 @@ import time
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import moedec
 from moedec import kernels
+from moedec.bench import mlx_lm_decode
 from moedec.kernels import fused
 from moedec.synthetic import nbytes, synthetic_glm
 
@@ -149,21 +149,13 @@ def step_profile(model, kernel: str, reps: int = 20) -> dict:
     return dict(zip(("build_us", "encode_us", "rest_us", "total_us"), med.tolist()))
 
 
-def mlx_lm_tps(model, ids, n):
-    t1 = None
-    for i, _ in enumerate(generate_step(mx.array(ids), model, max_tokens=n)):
-        if i == 0:
-            t1 = time.perf_counter()
-    return (n - 1) / (time.perf_counter() - t1)
-
-
 def e2e_bench(model, tokens: int, rounds: int) -> dict:
     ids = list(range(1, 33))
     res = {"mlx_lm": [], "moedec_stock": [], "moedec_fused": []}
     outs = {}
     for r in range(rounds + 1):  # round 0 is a warm-up
         kernels.patch(model, "stock")
-        a = mlx_lm_tps(model, ids, tokens)
+        a, _ = mlx_lm_decode(model, ids, tokens)
         g = moedec.generate(model, ids, max_tokens=tokens, kernel="stock", eos_token_ids=[])
         outs["stock"], b = g.tokens, g.stats.decode_tps
         g = moedec.generate(model, ids, max_tokens=tokens, kernel="fused", eos_token_ids=[])

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
 
 import moedec
+from moedec.bench import mlx_lm_decode
 from moedec.models import random_moe
 from moedec.tokenizer import ByteTokenizer
 
@@ -29,15 +28,6 @@ SIZES = {
     "large": dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=384, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, n_routed_experts=32, num_experts_per_tok=4),
 }
-
-
-def mlx_lm_tps(model, ids, n):
-    toks, t1 = [], None
-    for i, (y, _) in enumerate(generate_step(mx.array(ids), model, max_tokens=n)):
-        if i == 0:
-            t1 = time.perf_counter()
-        toks.append(int(y))
-    return (n - 1) / (time.perf_counter() - t1), toks
 
 
 def main() -> None:
@@ -54,14 +44,14 @@ def main() -> None:
         tok = ByteTokenizer()
         model = random_moe("glm4_moe", seed=0, vocab_size=tok.vocab_size, **SIZES[args.size])
     ids = tok.encode(args.prompt)
-    mlx_lm_tps(model, ids, 8)  # warm-up both paths (compilation, allocator)
+    mlx_lm_decode(model, ids, 8)  # warm-up both paths (compilation, allocator)
     moedec.generate(model, ids, "single", max_tokens=8, tokenizer=tok)
 
     ratios = []
     print(f"device: {mx.default_device()}  model: {args.size}  tokens: {args.tokens}")
     print(f"{'round':>5} {'mlx-lm tok/s':>13} {'moedec tok/s':>13} {'ratio':>7}")
     for r in range(args.rounds):
-        base, ref = mlx_lm_tps(model, ids, args.tokens)
+        base, ref = mlx_lm_decode(model, ids, args.tokens)
         g = moedec.generate(model, ids, "single", max_tokens=args.tokens, tokenizer=tok, eos_token_ids=[])
         assert list(g.tokens) == ref, "moedec single differs from mlx-lm greedy"
         ours = g.stats.decode_tps
