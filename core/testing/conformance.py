@@ -7,7 +7,7 @@ says which property was violated and how. Seeds are fixed: the result is reprodu
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -181,24 +181,36 @@ def check_sampling(s: Setup, out: list, notes: list) -> None:
         notes.insert(1, "the strategy drafted nothing here: only the end-to-end test applied")
 
 
-def check_drafts(s: Setup, out: list, notes: list) -> None:
-    """Drafts the engine accepts (ids in range, length <= state.max_draft, probs [K, V]), including
-    under a small ``max_draft`` (a strategy must clamp to ``state.max_draft``)."""
-    runs = [(m, dict(max_tokens=20)) for m in s.models]
-    runs += [(m, dict(max_tokens=20, max_draft=2)) for m in s.models[:1]]
-    runs += [(s.sampling_model, dict(max_tokens=16, max_draft=2, temperature=s.temperature, seed=s.seed))]
-    lengths = []
+def _probed_runs(s: Setup, runs: list, out: list, failed) -> Iterator[tuple[Any, list, Probe]]:
+    """Run each ``(model, kwargs)`` of ``runs`` on its first two prompts with a fresh :class:`Probe`
+    and yield ``(model, prompt, probe)``; at the first :class:`MoedecError` append
+    ``failed(model, kwargs, prompt, error)`` to ``out`` (the check's own list) and stop."""
     for m, kw in runs:
         for prompt in s.prompts_for(m)[:2]:
             probe = Probe(record_probs=False)
             try:
                 s.run(m, prompt, probe=probe, **kw)
             except MoedecError as e:
-                where = f"max_draft={kw['max_draft']}" if "max_draft" in kw else "default max_draft"
-                out.append(f"on {describe_model(m)} ({where}, prompt {prompt}): {_first_line(e)}")
+                out.append(failed(m, kw, prompt, e))
                 return
-            lengths += [len(st.draft) for st in probe.steps]
-    if lengths:
+            yield m, prompt, probe
+
+
+def check_drafts(s: Setup, out: list, notes: list) -> None:
+    """Drafts the engine accepts (ids in range, length <= state.max_draft, probs [K, V]), including
+    under a small ``max_draft`` (a strategy must clamp to ``state.max_draft``)."""
+    runs = [(m, dict(max_tokens=20)) for m in s.models]
+    runs += [(m, dict(max_tokens=20, max_draft=2)) for m in s.models[:1]]
+    runs += [(s.sampling_model, dict(max_tokens=16, max_draft=2, temperature=s.temperature, seed=s.seed))]
+
+    def failed(m, kw, prompt, e):
+        where = f"max_draft={kw['max_draft']}" if "max_draft" in kw else "default max_draft"
+        return f"on {describe_model(m)} ({where}, prompt {prompt}): {_first_line(e)}"
+
+    lengths = []
+    for _, _, probe in _probed_runs(s, runs, out, failed):
+        lengths += [len(st.draft) for st in probe.steps]
+    if lengths and not out:  # no note after a failed run
         notes.append(f"{len(lengths)} steps, draft lengths {min(lengths)}..{max(lengths)}")
 
 
@@ -206,23 +218,21 @@ def check_cache(s: Setup, out: list, notes: list) -> None:
     """After prefill and after every step the target cache holds exactly len(tokens) - 1 tokens."""
     runs = [(m, dict(max_tokens=24)) for m in s.models]
     runs += [(s.sampling_model, dict(max_tokens=16, temperature=s.temperature, seed=s.seed + i)) for i in range(2)]
+
+    def failed(m, kw, prompt, e):
+        return f"on {describe_model(m)} (prompt {prompt}): the run failed: {_first_line(e)}"
+
     steps = 0
-    for m, kw in runs:
-        for prompt in s.prompts_for(m)[:2]:
-            probe = Probe(record_probs=False)
-            try:
-                s.run(m, prompt, probe=probe, **kw)
-            except MoedecError as e:
-                out.append(f"on {describe_model(m)} (prompt {prompt}): the run failed: {_first_line(e)}")
-                return
-            steps += len(probe.steps)
-            if probe.violations:
-                out += [f"on {describe_model(m)} (prompt {prompt}): {v}" for v in probe.violations[:3]]
-                return
-            if probe.prefills != 1:
-                out.append(f"on {describe_model(m)}: the prefill notification ran {probe.prefills} times, expected once")
-                return
-    notes.append(f"{steps} steps checked")
+    for m, prompt, probe in _probed_runs(s, runs, out, failed):
+        steps += len(probe.steps)
+        if probe.violations:
+            out += [f"on {describe_model(m)} (prompt {prompt}): {v}" for v in probe.violations[:3]]
+            return
+        if probe.prefills != 1:
+            out.append(f"on {describe_model(m)}: the prefill notification ran {probe.prefills} times, expected once")
+            return
+    if not out:  # no note after a failed run
+        notes.append(f"{steps} steps checked")
 
 
 def check_stopping(s: Setup, out: list, notes: list) -> None:
