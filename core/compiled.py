@@ -101,19 +101,24 @@ class CompiledSteps:
             return logits
 
         self._step = step
+        self._traced = False  # the first call traces (and compiles) the step
 
     def __call__(self, tokens: mx.array) -> mx.array:
         if self.length + tokens.shape[1] > self.layers[0].state["keys"].shape[2]:
             self._grow()
-        pos = self.layers[0].pos
-        saved = [dict(c.state) for c in self.layers], pos["offset"]
-        try:
+        if self._traced:
             logits = self._step(tokens)
-        except Exception:  # a failed trace leaves placeholders in the state: put the arrays back
-            for c, state in zip(self.layers, saved[0]):
-                c.state.update(state)
-            pos["offset"] = saved[1]
-            raise
+        else:  # this call traces: a failed trace leaves placeholders in the state, so keep the arrays
+            pos = self.layers[0].pos
+            saved = [dict(c.state) for c in self.layers], pos["offset"]
+            try:
+                logits = self._step(tokens)
+            except Exception:
+                for c, state in zip(self.layers, saved[0]):
+                    c.state.update(state)
+                pos["offset"] = saved[1]
+                raise
+            self._traced = True
         self.length += tokens.shape[1]
         return logits
 
