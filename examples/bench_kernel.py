@@ -9,15 +9,18 @@
 3. where one T=1 decode step's time goes: Python graph building, MLX's encoding of the ops, and the
    rest (the GPU finishing), stock vs fused;
 4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
-   with ``--kernel stock`` and with ``--kernel fused``, interleaved rounds, plus how long the greedy
+   with ``--kernel stock``, ``--kernel fused``, and fused with the compiled step (``--compile-step``),
+   interleaved rounds, plus how long the greedy
    outputs agree, and for one single-token forward the top-2 logit margin against the largest
    stock/fused logit difference (a random bf16 model has near-ties).
 
 Timings are steady state: every measured batch of calls is first run twice with the same shape of
 graph, so MLX's CUDA-graph cache is warm, and every call uses other inputs (other routings, cycling
-over the layers) so that no call finds the previous one's experts in L2.
+over the layers) so that no call finds the previous one's experts in L2. Layer times are GPU times
+(the calls wait behind a busy kernel while the host queues them; the busy time is subtracted), the
+bandwidth figures use them; "wall" is the plain back-to-back time, host included.
 
-    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--reps 36] [--tb 2] [--chunk-unroll 0] [--json OUT]
+    python examples/bench_kernel.py [--scale 1.0] [--rounds 3] [--tokens 64] [--reps 36] [--cuda-cores] [--json OUT]
 """
 
 from __future__ import annotations
@@ -49,6 +52,27 @@ def timed(fn, reps: int) -> float:
     mx.eval([fn() for _ in range(reps)])
     mx.synchronize()
     return (time.perf_counter() - t) / reps
+
+
+def gpu_timed(fn, reps: int, spin_ms: float = 40.0) -> float:
+    """GPU seconds per call of ``fn`` in steady state, without the host's share: the calls are queued
+    behind a ``spin_ms`` busy kernel (long enough for the host to build and encode them all), and the
+    spin alone is timed the same way and subtracted (medians of 3)."""
+    if kernels.device_backend() != "cuda":
+        return timed(fn, reps)
+    ns = int(spin_ms * 1e6)
+
+    def run(calls: int) -> float:
+        t = time.perf_counter()
+        mx.async_eval(fused.spin(ns))
+        mx.eval([fn() for _ in range(calls)])
+        mx.synchronize()
+        return time.perf_counter() - t
+
+    timed(fn, reps)  # warm: compiled, CUDA graphs cached
+    run(0), run(reps)
+    alone = statistics.median(run(0) for _ in range(3))
+    return max(statistics.median(run(reps) for _ in range(3)) - alone, 0.0) / reps
 
 
 def copy_bandwidth() -> tuple[float, float]:
@@ -97,15 +121,19 @@ def layer_bench(model, bw: float, reps: int) -> list[dict]:
         def cycle(fn):
             return lambda: fn(*cases[next(counter) % len(cases)])
 
-        row["experts_stock_us"] = 1e6 * timed(cycle(lambda b, x, i, s: stock_experts(b.switch_mlp, x, i, s)), reps)
-        row["experts_fused_us"] = 1e6 * timed(cycle(lambda b, x, i, s: fused.fused_moe(b.switch_mlp, x, i, s)), reps)
-        row["block_stock_us"] = 1e6 * timed(cycle(lambda b, x, i, s: b(x)), reps)
+        stock_e = cycle(lambda b, x, i, s: stock_experts(b.switch_mlp, x, i, s))
+        fused_e = cycle(lambda b, x, i, s: fused.fused_moe(b.switch_mlp, x, i, s))
+        row["experts_stock_us"] = 1e6 * gpu_timed(stock_e, reps)
+        row["experts_fused_us"] = 1e6 * gpu_timed(fused_e, reps)
+        row["experts_stock_wall_us"] = 1e6 * timed(stock_e, reps)
+        row["experts_fused_wall_us"] = 1e6 * timed(fused_e, reps)
+        row["block_stock_us"] = 1e6 * gpu_timed(cycle(lambda b, x, i, s: b(x)), reps)
         some = cases[:3]
         ref_e = [stock_experts(b.switch_mlp, x, i, s) for b, x, i, s in some]
         got_e = [fused.fused_moe(b.switch_mlp, x, i, s) for b, x, i, s in some]
         ref_b = [b(x) for b, x, _, _ in some]
         kernels.patch(model, "fused")
-        row["block_fused_us"] = 1e6 * timed(cycle(lambda b, x, i, s: b(x)), reps)
+        row["block_fused_us"] = 1e6 * gpu_timed(cycle(lambda b, x, i, s: b(x)), reps)
         got_b = [b(x) for b, x, _, _ in some]
         kernels.patch(model, "stock")
         row["experts_max_abs_diff"], row["block_max_abs_diff"] = _diff(ref_e, got_e), _diff(ref_b, got_b)
@@ -116,12 +144,13 @@ def layer_bench(model, bw: float, reps: int) -> list[dict]:
             row[f"{name}_GBps"] = mb / row[f"{name}_us"] * 1e3
             row[f"{name}_pct_copy_bw"] = 100 * row[f"{name}_GBps"] / bw
             row[f"{name}_time_ratio"] = row[f"{name}_us"] / base[f"{name}_us"]
-        rows.append(row)
         print(f"{t:>3} {union:>5.1f} {row['experts_MB']:>6.1f} | {row['experts_stock_us']:>7.1f} {row['experts_fused_us']:>7.1f} "
               f"{row['experts_stock_pct_copy_bw']:>5.1f} {row['experts_fused_pct_copy_bw']:>5.1f} "
               f"{row['experts_stock_time_ratio']:>5.2f} {row['experts_fused_time_ratio']:>5.2f} {row['union_ratio']:>5.2f} | "
+              f"{row['experts_stock_wall_us']:>7.1f} {row['experts_fused_wall_us']:>7.1f} | "
               f"{row['block_stock_us']:>7.1f} {row['block_fused_us']:>7.1f} | "
               f"{row['experts_max_abs_diff']:.4f} {row['block_max_abs_diff']:.4f}", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -151,24 +180,27 @@ def step_profile(model, kernel: str, reps: int = 20) -> dict:
 
 def e2e_bench(model, tokens: int, rounds: int) -> dict:
     ids = list(range(1, 33))
-    res = {"mlx_lm": [], "moedec_stock": [], "moedec_fused": []}
+    res = {"mlx_lm": [], "moedec_stock": [], "moedec_fused": [], "moedec_fused_compiled": []}
     outs = {}
     for r in range(rounds + 1):  # round 0 is a warm-up
         kernels.patch(model, "stock")
-        a, _ = mlx_lm_decode(model, ids, tokens)
-        g = moedec.generate(model, ids, max_tokens=tokens, kernel="stock", eos_token_ids=[])
-        outs["stock"], b = g.tokens, g.stats.decode_tps
-        g = moedec.generate(model, ids, max_tokens=tokens, kernel="fused", eos_token_ids=[])
-        outs["fused"], c = g.tokens, g.stats.decode_tps
+        tps = [mlx_lm_decode(model, ids, tokens)[0]]
+        for name, kernel, compiled in (("stock", "stock", False), ("fused", "fused", False), ("compiled", "fused", True)):
+            g = moedec.generate(model, ids, max_tokens=tokens, kernel=kernel, eos_token_ids=[], compile_step=compiled)
+            outs[name] = g.tokens
+            tps.append(g.stats.decode_tps)
         kernels.patch(model, "stock")
         if r:
-            for k, v in zip(res, (a, b, c)):
+            for k, v in zip(res, tps):
                 res[k].append(v)
-        print(f"  round {r}{' (warm-up)' if not r else ''}: mlx-lm {a:.1f}  moedec stock {b:.1f}  moedec fused {c:.1f} tok/s", flush=True)
+        print(f"  round {r}{' (warm-up)' if not r else ''}: mlx-lm {tps[0]:.1f}  moedec stock {tps[1]:.1f}  "
+              f"fused {tps[2]:.1f}  fused + compiled step {tps[3]:.1f} tok/s", flush=True)
     med = {k: statistics.median(v) for k, v in res.items()}
     med["rounds"] = res
     med["fused_vs_mlx_lm"] = med["moedec_fused"] / med["mlx_lm"]
+    med["fused_compiled_vs_mlx_lm"] = med["moedec_fused_compiled"] / med["mlx_lm"]
     med["stock_vs_mlx_lm"] = med["moedec_stock"] / med["mlx_lm"]
+    med["compiled_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["fused"], outs["compiled"])) if x != y), tokens)
     med["greedy_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["stock"], outs["fused"])) if x != y), tokens)
     logits = {}
     for kernel in ("stock", "fused"):  # one single-token forward (prefill keeps the stock path)
@@ -188,11 +220,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=36)
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--tb", type=int, default=fused.TB, help="tokens per pass of the expert kernels (registers: see examples/kernel_resources.py)")
-    ap.add_argument("--chunk-unroll", type=int, default=fused.CHUNK_UNROLL, help="unroll of the kernels' chunk loop (0: full)")
+    ap.add_argument("--cuda-cores", action="store_true", help="4-bit experts on the CUDA-core kernels too")
     ap.add_argument("--json")
     args = ap.parse_args()
-    fused.TB, fused.CHUNK_UNROLL = args.tb, args.chunk_unroll
+    fused.TENSOR_CORES = not args.cuda_cores
 
     print(f"device: {mx.default_device()}  backend: {kernels.device_backend()}")
     plus, wide = copy_bandwidth()
@@ -201,7 +232,9 @@ def main() -> None:
     t = time.perf_counter()
     model = synthetic_glm(scale=args.scale)
     print(f"synthetic model: {nbytes(model) / 1e9:.2f} GB, built in {time.perf_counter() - t:.0f} s")
-    print("  T     U     MB | experts: stock us  fused us  stock%bw fused%bw  t/t1 stock fused  U/U1 | block: stock us fused us | maxdiff experts block")
+    print("GPU time per call (the host's share excluded: calls queued behind a busy kernel); wall: calls back to back")
+    print("  T     U     MB | experts GPU: stock us  fused us  stock%bw fused%bw  t/t1 stock fused  U/U1 "
+          "| experts wall: stock fused | block GPU: stock us fused us | maxdiff experts block")
     out = {"device": str(mx.default_device()), "copy_GBps": bw, "copy_plus_one_GBps": plus, "copy_kernel_GBps": wide,
            "layer": layer_bench(model, bw, args.reps)}
     out["step"] = {k: step_profile(model, k) for k in ("stock", "fused")}

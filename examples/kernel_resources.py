@@ -28,15 +28,14 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=77)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--show", help="print the generated source of this kernel")
-    ap.add_argument("--tb", type=int, default=fused.TB, help="tokens per pass")
-    ap.add_argument("--chunk-unroll", type=int, default=fused.CHUNK_UNROLL, help="0: unroll fully")
+    ap.add_argument("--group", type=int, default=64)
     args = ap.parse_args()
-    fused.TB, fused.CHUNK_UNROLL = args.tb, args.chunk_unroll
-    for name, source in variants(args.bits, args.d, args.n, args.experts, args.top_k).items():
+    for name, (source, dynamic) in variants(args.bits, args.d, args.n, args.experts, args.top_k, args.group).items():
         if args.show == name:
             print(source)
         report = resources(source, args.cccl)
-        print(f"{name}:\n  " + report.replace("\n", "\n  ") + f"\n  {occupancy(report)}")
+        print(f"{name} (dynamic shared memory {dynamic} bytes):\n  " + report.replace("\n", "\n  ")
+              + f"\n  {occupancy(report, dynamic=dynamic)}")
 
 
 if __name__ == "__main__":

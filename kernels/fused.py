@@ -1,7 +1,7 @@
 """The fused MoE block on MLX's CUDA backend (``mx.fast.cuda_kernel``; source in ``cuda_source``).
 
-* :func:`fused_router`: mlx-lm's ``noaux_tc`` gate in one kernel -> ``(inds [.., K] int32, scores
-  [.., K] float32)``.
+* :func:`fused_router`: mlx-lm's ``noaux_tc`` gate in two kernels (logits, then the selection) ->
+  ``(inds [.., K] int32, scores [.., K] float32)``.
 * :func:`fused_moe`: ``sum_k scores[.., k] * expert_k(x) (+ shared(x))`` in two kernels, each
   active expert's weights read once per forward however many tokens route to it.
 * :func:`fused_switch_glu`: ``SwitchGLU(x, indices) -> [.., K, D]`` through the same kernels (each
@@ -18,18 +18,27 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .cuda_source import COPY, DOWN, GATE_UP, HEADER, ROUTER
+from .cuda_source import COPY, DOWN, DOWN_MMA, GATE_UP, GATE_UP_MMA, HEADER, ROUTER_LOGITS, ROUTER_SELECT, SPIN
 
 THREADS = 256  # 8 warps; also the most (token, expert) pairs one forward may have
 WARPS = THREADS // 32
 MAX_PAIRS = THREADS
 MAX_TOKENS = 16  # decode and verify sizes; prefill keeps the stock path
 MAX_EXPERTS = 1024
-ROWS = 16  # output rows per block of the down kernel (its shared memory holds P x ROWS dots)
-R = 4  # down rows per warp item (they share each activation load)
-TB = 2  # tokens per pass over a slot's weight row
-CHUNK_UNROLL = 0  # unroll of the kernels' loop over a row's chunks (0: full; fewer registers below that)
-GATE_UP_BLOCKS = 528  # blocks of the gate/up kernel; their warps stride over the (slot, row) items
+ROWS = 16  # output rows per block of the down kernels (their shared memory holds (P + T) x ROWS dots)
+# The tensor-core kernels (4-bit experts, 16-bit activations): inputs per ring stage (512 or 256) and
+# ring depth per warp; measured on an H200 (docs/benchmarks.md).
+TENSOR_CORES = True  # else every expert layer runs on the CUDA-core kernels
+GATE_UP_SLICE, GATE_UP_STAGES = 512, 2
+DOWN_SLICE, DOWN_STAGES = 256, 2
+ROUTER_WARPS = 4  # warps per block of the router's logits kernel (one per (token, expert))
+GATE_UP_BLOCKS = 264  # blocks of the gate/up kernels (two per SM of an H100/H200); warps stride over the items
+# The CUDA-core kernels (8-bit experts or float32 activations).
+RT_GATE_UP = 1  # expert rows n per warp item of the gate/up kernel (each a gate and an up row)
+RT_DOWN = 4  # down rows per warp item (they share each activation load)
+TB = 2  # tokens per pass over an item's rows
+STAGES = 3  # ring depth (fewer when the rows are wide)
+SMEM_BUDGET = 160 * 1024  # dynamic shared memory per block for the rings (static: <= 48 KB)
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 FLOATS = (mx.bfloat16, mx.float16, mx.float32)
@@ -37,19 +46,25 @@ FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 
 #: kernel -> (input names, output names, body)
 SIGNATURES = {
-    "router": (["x", "w", "bias", "rsf"], ["inds", "scores"], ROUTER),
+    "router_logits": (["x", "w"], ["logits"], ROUTER_LOGITS),
+    "router_select": (["logits", "bias", "rsf"], ["inds", "scores"], ROUTER_SELECT),
     "gate_up": (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"],
                 ["act"], GATE_UP),
     "down": (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"], DOWN),
     "copy": (["src"], ["dst"], COPY),
+    "spin": (["ns"], ["out"], SPIN),
 }
+SIGNATURES.update({  # the tensor-core versions (4-bit weights, 16-bit activations): same arguments
+    "gate_up_mma": (*SIGNATURES["gate_up"][:2], GATE_UP_MMA),
+    "down_mma": (*SIGNATURES["down"][:2], DOWN_MMA),
+})
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str):
+def _kernel(name: str, shared_memory: int = 0):
     inputs, outputs, source = SIGNATURES[name]
     return mx.fast.cuda_kernel(name=f"moedec_{name}", input_names=inputs, output_names=outputs,
-                               source=_minify(source), header=_minify(HEADER))
+                               source=_minify(source), header=_minify(HEADER), shared_memory=shared_memory)
 
 
 def _minify(src: str) -> str:
@@ -100,6 +115,7 @@ class _SwitchPlan:
     arrays: tuple = ()  # gate (w, scales, biases), up (...), down (...)
     scales: object = None  # the scales' dtype
     bits: int = 0
+    group: int = 0
     experts: int = 0
     width: int = 0  # N, the expert's intermediate width
 
@@ -118,14 +134,75 @@ def _switch_plan(switch) -> _SwitchPlan:
     if n % 128:
         return _SwitchPlan("the expert width must be a multiple of 128")
     arrays = tuple(a for l in layers for a in (l.weight, l.scales, l.biases))
-    return _SwitchPlan(None, arrays, g.scales.dtype, g.bits, experts, n)
+    return _SwitchPlan(None, arrays, g.scales.dtype, g.bits, g.group_size, experts, n)
 
 
-def expert_templates(x_dtype, scales_dtype, bits: int, d: int, n: int) -> tuple[list, list]:
-    """Template arguments of the gate/up and down kernels for experts ``d -> n`` (what
-    :mod:`moedec.kernels.resources` compiles too). Few variants: each is JIT-compiled."""
-    common = [("X", x_dtype), ("S", scales_dtype), ("BITS", bits), ("TB", TB), ("CHUNK_UNROLL", CHUNK_UNROLL)]
-    return common + [("DIN", d), ("NOUT", n)], common + [("DIN", n), ("NOUT", d), ("ROWS", ROWS), ("R", R)]
+@attrs.frozen
+class ExpertKernels:
+    """Which gate/up and down kernels run experts of one shape, with their template arguments and
+    dynamic shared memory (bytes; 0: a warp's ring does not fit)."""
+
+    gate_up_name: str
+    gate_up: list
+    gate_up_smem: int
+    down_name: str
+    down: list
+    down_smem: int
+
+    @property
+    def fits(self) -> bool:
+        return self.gate_up_smem > 0 and self.down_smem > 0
+
+
+# MLX lets a kernel use more than 48 KB of shared memory (static + dynamic) only when its dynamic
+# request is above 48000 bytes; the expert kernels' static tables plus their rings exceed 48 KB.
+OPT_IN = 48 * 1024 + 16
+
+
+def _stages(stage: int, most: int) -> tuple[int, int]:
+    """(stages, dynamic shared memory bytes) of a block's rings: WARPS warps of up to ``most``
+    stages of ``stage`` bytes within SMEM_BUDGET; 0 bytes when not even one stage fits."""
+    stages = min(most, SMEM_BUDGET // (WARPS * stage))
+    return max(stages, 1), stages and max(stages * WARPS * stage, OPT_IN)
+
+
+def _mma_slice(din: int, most: int, group: int, scale_bytes: int) -> int:
+    """Inputs per ring stage of a tensor-core kernel over rows of ``din`` inputs (0: unsuitable):
+    whole groups per slice, and each row's scales of a slice copied in aligned units."""
+    for ks in (512, 256):
+        sb = ks // group * scale_bytes  # a row's scale bytes per slice
+        if ks <= most and din % ks == 0 and (din // group * scale_bytes) % min(16, sb) == 0:
+            return ks
+    return 0
+
+
+@functools.lru_cache(maxsize=64)
+def expert_kernels(x_dtype, scales_dtype, bits: int, d: int, n: int, group: int) -> ExpertKernels:
+    """The gate/up and down kernels for experts ``d -> n`` and their launch constants (what
+    :mod:`moedec.kernels.resources` compiles too). Few variants: each is JIT-compiled.
+
+    4-bit experts with bfloat16/float16 activations run on the tensor cores (``*_mma``); the rest
+    (8-bit, float32) on the CUDA cores, both reading each active expert once per forward."""
+    sb = scales_dtype.size
+    base = [("X", x_dtype), ("S", scales_dtype)]
+    gks, dks = _mma_slice(d, GATE_UP_SLICE, group, sb), _mma_slice(n, DOWN_SLICE, group, sb)
+    if TENSOR_CORES and bits == 4 and x_dtype in (mx.bfloat16, mx.float16) and gks and dks and d % ROWS == 0:
+        (gs, gb), (ds, db) = _stages(8 * gks + gks * sb, GATE_UP_STAGES), _stages(8 * dks + dks * sb, DOWN_STAGES)
+        return ExpertKernels(
+            "gate_up_mma", base + [("DIN", d), ("NOUT", n), ("GROUP", group), ("KS", gks), ("STAGES", gs)], gb,
+            "down_mma", base + [("DIN", n), ("NOUT", d), ("GROUP", group), ("KS", dks), ("STAGES", ds), ("ROWS", ROWS)],
+            db,
+        )
+
+    def ring(rows: int, din: int) -> int:  # one stage of the CUDA-core kernels (see Stage)
+        return rows * -(-(din * bits // 128) // 32) * 32 * (17 + 4 * sb)
+
+    (gs, gb), (ds, db) = _stages(ring(2 * RT_GATE_UP, d), STAGES), _stages(ring(RT_DOWN, n), STAGES)
+    common = base + [("BITS", bits), ("TB", TB)]
+    return ExpertKernels(
+        "gate_up", common + [("DIN", d), ("NOUT", n), ("RT", RT_GATE_UP), ("STAGES", gs)], gb,
+        "down", common + [("DIN", n), ("NOUT", d), ("RT", RT_DOWN), ("STAGES", ds), ("ROWS", ROWS)], db,
+    )
 
 
 def why_not_fused(switch, x: mx.array, indices: mx.array) -> str | None:
@@ -142,6 +219,8 @@ def why_not_fused(switch, x: mx.array, indices: mx.array) -> str | None:
         return "indices and activations disagree on the number of tokens"
     if x.shape[-1] % 128:
         return "the hidden width must be a multiple of 128"
+    if not expert_kernels(x.dtype, plan.scales, plan.bits, x.shape[-1], plan.width, plan.group).fits:
+        return "expert rows too wide for the kernels' shared-memory rings"
     return None
 
 
@@ -190,48 +269,46 @@ def _swiglu_mlp_calls() -> frozenset:
     return frozenset({glm4_moe.MLP.__call__, deepseek_v3.DeepseekV3MLP.__call__})
 
 
-def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None) -> mx.array:
+def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None, per_pair: bool = False) -> mx.array:
     """``x [.., D]``, ``inds``/``scores [.., K]`` -> ``[.., D]`` in ``x.dtype``: the routed experts
     combined with ``scores`` (float32 sums in pair order), plus ``shared(x)`` if given (fused: check
-    :func:`why_not_fused` and :func:`why_not_shared` first)."""
+    :func:`why_not_fused` and :func:`why_not_shared` first). ``per_pair``: no combine, ``[P, D]``
+    with every (token, expert) pair's expert output (``scores`` unused)."""
     plan = _plan(switch, _switch_plan)
     wg, sg, bg, wu, su, bu, wd, sd, bd = plan.arrays
     h = _shared_plan_of(switch, shared).arrays if shared is not None else plan.arrays
-    d, e, n = x.shape[-1], plan.experts, plan.width
+    d, n = x.shape[-1], plan.width
     p = inds.size
     t = p // inds.shape[-1]
     if inds.dtype not in (mx.int32, mx.uint32):
         inds = inds.astype(mx.int32)
     if scores.dtype != mx.float32:
         scores = scores.astype(mx.float32)
-    meta = _int(int(shared is not None))
-    slots = min(p, e) + (shared is not None)
-    gate_up_template, down_template = expert_templates(x.dtype, plan.scales, plan.bits, d, n)
-    (act,) = _kernel("gate_up")(
+    meta = _meta(shared is not None, per_pair)
+    ek = expert_kernels(x.dtype, plan.scales, plan.bits, d, n, plan.group)
+    (act,) = _kernel(ek.gate_up_name, ek.gate_up_smem)(
         inputs=[x, inds, meta, wg, sg, bg, wu, su, bu, *h[:6]],
-        template=gate_up_template,
-        grid=(min(GATE_UP_BLOCKS, -(-slots * n // (2 * WARPS))) * THREADS, 1, 1),
+        template=ek.gate_up,
+        grid=(GATE_UP_BLOCKS * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(p + t * (shared is not None), n)],
-        output_dtypes=[mx.float32],
+        output_dtypes=[x.dtype],
     )  # [P (+T), N]: row p = pair p, row P + t = token t's shared expert
-    (y,) = _kernel("down")(
+    (y,) = _kernel(ek.down_name, ek.down_smem)(
         inputs=[act, inds, scores, meta, wd, sd, bd, *h[6:]],
-        template=down_template,
+        template=ek.down,
         grid=(-(-d // ROWS) * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[x.shape],
+        output_shapes=[(p, d) if per_pair else x.shape],
         output_dtypes=[x.dtype],
-    )  # [.., D]
+    )  # [.., D] ([P, D] per pair)
     return y
 
 
 def fused_switch_glu(switch, x: mx.array, indices: mx.array) -> mx.array:
     """``SwitchGLU(x, indices)``: ``[.., D], [.., K] -> [.., K, D]``, each active expert read once."""
-    k, d = indices.shape[-1], x.shape[-1]
-    pairs = indices.reshape(-1, 1)  # [P, 1]: every pair its own row
-    xp = mx.repeat(x.reshape(-1, d), k, axis=0)  # [P, D]
-    y = fused_moe(switch, xp, pairs, mx.ones(pairs.shape, mx.float32))  # [P, D]
+    d = x.shape[-1]
+    y = fused_moe(switch, x, indices, _ones(indices.shape), per_pair=True)  # [P, D]
     return y.reshape(*indices.shape, d)
 
 
@@ -260,12 +337,13 @@ class _GatePlan:
         return self.spec[4]
 
 
-def router_template(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
-                    top_groups: int, norm: bool) -> list:
-    """Template arguments of the router kernel (what :mod:`moedec.kernels.resources` compiles too)."""
+def router_templates(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
+                     top_groups: int, norm: bool) -> tuple[list, list]:
+    """Template arguments of the router's logits and select kernels (what
+    :mod:`moedec.kernels.resources` compiles too)."""
     logit = x_dtype if x_dtype == w_dtype else mx.float32  # dtype of mlx-lm's x @ w.T
-    return [("X", x_dtype), ("R", logit), ("W", w_dtype), ("B", bias_dtype), ("DIN", d), ("NE", experts),
-            ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm)]
+    return ([("X", x_dtype), ("R", logit), ("W", w_dtype), ("DIN", d), ("NE", experts)],
+            [("B", bias_dtype), ("NE", experts), ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm)])
 
 
 def _gate_plan(gate) -> _GatePlan:
@@ -302,21 +380,31 @@ def _scalar(v: float) -> mx.array:
 
 
 @functools.lru_cache(maxsize=8)
-def _int(v: int) -> mx.array:
-    return mx.array([v], mx.int32)
+def _meta(shared: bool, per_pair: bool) -> mx.array:
+    """The expert kernels' flags: fuse the shared expert; write every pair's output (no combine)."""
+    return mx.array([int(shared), int(per_pair)], mx.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(shape: tuple) -> mx.array:
+    return mx.ones(shape, mx.float32)
 
 
 def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
-    """mlx-lm's ``MoEGate(x)`` in one kernel: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``."""
+    """mlx-lm's ``MoEGate(x)`` in two kernels: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``."""
     plan = _plan(gate, _gate_plan)
-    inds, scores = _kernel("router")(
-        inputs=[x, *plan.inputs],
-        template=router_template(x.dtype, *plan.spec),
-        grid=(x.size // plan.width * THREADS, 1, 1),
-        threadgroup=(THREADS, 1, 1),
-        output_shapes=[(*x.shape[:-1], plan.top_k)] * 2,
-        output_dtypes=[mx.int32, mx.float32],
-    )
+    w, bias, rsf = plan.inputs
+    experts, tokens = w.shape[0], x.size // plan.width
+    logits_t, select_t = router_templates(x.dtype, *plan.spec)
+    (logits,) = _kernel("router_logits")(
+        inputs=[x, w], template=logits_t,
+        grid=(-(-tokens * experts // ROUTER_WARPS) * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
+        output_shapes=[(tokens, experts)], output_dtypes=[mx.float32],
+    )  # [T, E]: one warp per logit
+    inds, scores = _kernel("router_select")(
+        inputs=[logits, bias, rsf], template=select_t, grid=(tokens * 32, 1, 1), threadgroup=(32, 1, 1),
+        output_shapes=[(*x.shape[:-1], plan.top_k)] * 2, output_dtypes=[mx.int32, mx.float32],
+    )  # one warp per token
     return inds, scores
 
 
@@ -328,3 +416,10 @@ def copy(src: mx.array) -> mx.array:
         threadgroup=(THREADS, 1, 1), output_shapes=[src.shape], output_dtypes=[src.dtype],
     )
     return dst
+
+
+def spin(ns: int) -> mx.array:
+    """One GPU thread busy for ``ns`` nanoseconds (for timing the GPU work queued behind it)."""
+    (out,) = _kernel("spin")(inputs=[mx.array([ns], mx.int64)], template=[], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                             output_shapes=[(1,)], output_dtypes=[mx.float32])
+    return out

@@ -63,17 +63,23 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
             + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
 
 
-def variants(bits: int, d: int, n: int, experts: int, top_k: int) -> dict[str, str]:
-    """The three kernels' sources for bf16 activations and scales, ``bits``-bit experts ``d -> n``."""
-    halves = dict.fromkeys(["x", "w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd",
-                            "hbd", "y"], "bfloat16")
-    dtypes = {**halves, "inds": "int32", "meta": "int32", "rsf": "float32", "scores": "float32", "act": "float32"}
+def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 64,
+             x_dtype=mx.bfloat16) -> dict[str, tuple[str, int]]:
+    """The three kernels' (source, dynamic shared memory) for ``x_dtype`` activations, bf16 scales,
+    ``bits``-bit experts ``d -> n`` in groups of ``group``."""
+    xt = str(x_dtype).rsplit(".", 1)[-1]
+    halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
+                           "bfloat16")
+    dtypes = {**halves, **dict.fromkeys(["x", "act", "y"], xt), "inds": "int32", "meta": "int32", "rsf": "float32",
+              "scores": "float32", "logits": "float32"}
     bf16 = mx.bfloat16
-    gate_up, down = fused.expert_templates(bf16, bf16, bits, d, n)
+    ek = fused.expert_kernels(x_dtype, bf16, bits, d, n, group)
     return {
-        "gate_up": kernel_source("gate_up", gate_up, dtypes),
-        "down": kernel_source("down", down, dtypes),
-        "router": kernel_source("router", fused.router_template(bf16, bf16, bf16, d, experts, top_k, 1, 1, True), dtypes),
+        "gate_up": (kernel_source(ek.gate_up_name, ek.gate_up, dtypes), ek.gate_up_smem),
+        "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
+        **{name: (kernel_source(name, tpl, dtypes), 0) for name, tpl in
+           zip(("router_logits", "router_select"),
+               fused.router_templates(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True))},
     }
 
 
@@ -92,13 +98,14 @@ def resources(source: str, cccl: str | None = None) -> str:
         return "\n".join(lines)
 
 
-def occupancy(report: str, threads: int = fused.THREADS) -> str:
-    """Blocks of ``threads`` per SM that the registers and shared memory in ``report`` allow."""
+def occupancy(report: str, threads: int = fused.THREADS, dynamic: int = 0) -> str:
+    """Blocks of ``threads`` per SM that the registers and (static, from ``report``, plus
+    ``dynamic``) shared memory allow."""
     regs = re.search(r"Used (\d+) registers", report)
     smem = re.search(r"(\d+) bytes smem", report)
     if not regs:
         return ""
-    r, s = int(regs.group(1)), int(smem.group(1)) if smem else 0
+    r, s = int(regs.group(1)), (int(smem.group(1)) if smem else 0) + dynamic
     by_regs = 65536 // (((r + 7) // 8 * 8) * threads)
     by_smem = (228 * 1024) // max(s + 1024, 1)
     blocks = min(by_regs, by_smem, 2048 // threads)

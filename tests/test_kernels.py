@@ -151,21 +151,33 @@ def _routings(rng, t, k, pool, e):
     return mx.array(np.stack(rows).astype(np.uint32))[None]
 
 
-# Each (bits, group, dtype, shared) variant is JIT-compiled once; T is a runtime size.
-VARIANTS = [(4, 32, mx.bfloat16), (4, 64, mx.bfloat16), (4, 128, mx.bfloat16), (8, 32, mx.bfloat16),
-            (8, 64, mx.bfloat16), (8, 128, mx.bfloat16), (4, 64, mx.float16), (4, 64, mx.float32)]
+# Each (bits, group, dtype, width) variant is JIT-compiled once; T is a runtime size. Expert width 768
+# takes the tensor-core kernels for 4-bit 16-bit-float experts, 384 (no whole 256-input slices) and
+# 8-bit or float32 the CUDA-core ones.
+VARIANTS = [(4, 32, mx.bfloat16, 768), (4, 64, mx.bfloat16, 768), (4, 128, mx.bfloat16, 768), (4, 64, mx.float16, 768),
+            (4, 64, mx.bfloat16, 384), (8, 32, mx.bfloat16, 384), (8, 64, mx.bfloat16, 384), (8, 128, mx.bfloat16, 384),
+            (4, 64, mx.float32, 384)]
+
+
+def _path(sw, x) -> str:
+    from moedec.kernels.fused import expert_kernels
+
+    g = sw.gate_proj
+    return expert_kernels(x.dtype, g.scales.dtype, g.bits, x.shape[-1], g.weight.shape[1], g.group_size).gate_up_name
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,group,dtype", VARIANTS, ids=lambda v: str(v).replace("mlx.core.", ""))
-def test_fused_matches_reference(bits, group, dtype):
+@pytest.mark.parametrize("bits,group,dtype,n", VARIANTS, ids=lambda v: str(v).replace("mlx.core.", ""))
+def test_fused_matches_reference(bits, group, dtype, n):
     from mlx_lm.models.glm4_moe import MLP
 
     from moedec.kernels.fused import fused_moe, fused_switch_glu, why_not_shared
 
-    d, n, e, k = 512, 384, 16, 4
+    d, e, k = 512, 16, 4
     sw = make_switch(d=d, n=n, e=e, bits=bits, group=group, dtype=dtype)
+    mma = bits == 4 and dtype != mx.float32 and n == 768
+    assert _path(sw, mx.zeros((1, d), dtype)) == ("gate_up_mma" if mma else "gate_up")
     shared = MLP(None, hidden_size=d, intermediate_size=n)
     shared.set_dtype(dtype)
     nn.quantize(shared, group_size=group, bits=bits)
@@ -189,12 +201,13 @@ def test_fused_matches_reference(bits, group, dtype):
 
 @gpu
 @pytest.mark.gpu
-def test_fused_token_results_do_not_depend_on_the_other_tokens():
+@pytest.mark.parametrize("n", [768, 384])  # tensor cores, CUDA cores
+def test_fused_token_results_do_not_depend_on_the_other_tokens(n):
     """What makes verify == single on the fused path: a token's output is bit-identical whether it
     is alone in the forward or one of 16."""
     from moedec.kernels.fused import fused_moe
 
-    sw = make_switch(d=512, n=384, e=16, bits=4, group=64, dtype=mx.bfloat16)
+    sw = make_switch(d=512, n=n, e=16, bits=4, group=64, dtype=mx.bfloat16)
     rng = np.random.default_rng(0)
     idx = _routings(rng, 16, 4, 6, 16)
     x = (mx.random.normal((1, 16, 512)) * 0.5).astype(mx.bfloat16)
@@ -299,13 +312,22 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("bits", [4, 8])
-def test_kernel_sources_compile_for_hopper_without_spills(bits):
+@pytest.mark.parametrize("bits,group,d,n,dtype,path", [
+    (4, 64, 512, 768, "bfloat16", "_mma"),  # tensor cores: slices of 512 and 256 inputs
+    (4, 32, 1024, 512, "float16", "_mma"),
+    (4, 128, 512, 256, "bfloat16", "_mma"),
+    (4, 64, 512, 384, "bfloat16", ""),  # 384 inputs per down row: no whole slices, CUDA cores
+    (4, 64, 512, 768, "float32", ""),
+    (8, 64, 512, 384, "bfloat16", ""),
+])
+def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dtype, path):
     """The CUDA sources as mx.fast.cuda_kernel assembles them compile for sm_90a (a CUDA error shows
-    up here, before any GPU run) and keep everything in registers."""
+    up here, before any GPU run) and keep everything in registers, on both kernel paths."""
     from moedec.kernels.resources import resources, variants
 
-    for name, source in variants(bits, 512, 384, 16, 4).items():
+    for name, (source, _) in variants(bits, d, n, 16, 4, group, getattr(mx, dtype)).items():
+        if not name.startswith("router"):
+            assert f"void {name}{path}(" in source
         report = resources(source)
         assert "Used" in report and "registers" in report, f"{name}: {report}"
-        assert " 0 bytes spill stores" in report, f"{name} spills: {report}"
+        assert " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} spills: {report}"
