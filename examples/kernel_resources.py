@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-from moedec.kernels import fused
 from moedec.kernels.resources import occupancy, resources, variants
 
 

@@ -23,12 +23,14 @@ accumulate ``sum(x * q)`` and ``sum(x)`` and apply ``scale``/``bias`` once. Each
 ``CPL`` chunks of the row in registers while it walks the slot's tokens ``TB`` at a time.
 """
 
-HEADER = r"""
+# Device code shared by the kernels, in parts: each kernel gets only the parts it uses (MLX builds
+# and hashes a kernel's whole source on every launch, so a shorter header is a cheaper launch).
+INCLUDES = r"""
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+"""
 
-namespace moedec {
-
+BASE = r"""
 constexpr int WARPS = 8;
 constexpr int THREADS = 32 * WARPS;
 constexpr int MAXP = THREADS;   // most (token, expert) pairs in one forward
@@ -58,16 +60,14 @@ __device__ __forceinline__ void load8(const float* p, float* o) {
   o[0] = a.x; o[1] = a.y; o[2] = a.z; o[3] = a.w; o[4] = b.x; o[5] = b.y; o[6] = b.z; o[7] = b.w;
 }
 
-// Exact float of a small unsigned integer without an I2F instruction: put it in the mantissa of
-// 2^23 and subtract 2^23.
-__device__ __forceinline__ float qf(unsigned q) { return __uint_as_float(0x4B000000u | q) - 8388608.f; }
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
   return v;
 }
+"""
 
+ASYNC = r"""
 // Asynchronous global -> shared copies (sm_80+): a warp streams its items' weights through a ring of
 // shared-memory stages, so loads stay in flight without holding registers.
 __device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
@@ -85,7 +85,9 @@ __device__ __forceinline__ void cp_small_or_16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+"""
 
+CUDA_CORES = r"""
 // One ring stage of a warp: NR packed weight rows, this lane's chunks c = lane + 32 i (i < CPL),
 // each with the aligned (scale, scale) and (bias, bias) pairs that hold its group's.
 template <int NR, int CPL, typename S>
@@ -224,7 +226,9 @@ __device__ __forceinline__ void chunk_dots(const Stage<NR, CPL, S>& st, int i, c
     }
   }
 }
+"""
 
+TENSOR_CORES = r"""
 // Tensor-core path (4-bit weights, bfloat16 / float16 activations): mma.sync m16n8k16 with 16 weight
 // rows as A and up to 8 tokens as B. A nibble q becomes the exact 16-bit float OFFSET + q by OR-ing it
 // into the mantissa of OFFSET (MAGIC), so a group's MMA sum is sum (OFFSET + q) x, and
@@ -370,7 +374,9 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
     }
   }
 }
+"""
 
+SLOTS = r"""
 // The slot table of one forward, rebuilt by every block from the routing indices.
 struct Slots {
   int e[MAXP];          // expert of pair p
@@ -429,9 +435,13 @@ __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {
   if (tid < P) s.list[s.start[slot] + pos] = tid;  // order inside a slot does not change results
   __syncthreads();
 }
-
-}  // namespace moedec
 """
+
+
+def header(*parts: str) -> str:
+    """The includes and the ``moedec`` namespace with ``parts`` of the device code."""
+    return INCLUDES + "namespace moedec {\n" + "\n".join(parts) + "\n}  // namespace moedec\n"
+
 
 # The router: mlx-lm's noaux_tc gate (GLM-4.x, DeepSeek-V3) in two kernels.
 # ROUTER_LOGITS. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T

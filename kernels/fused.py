@@ -18,7 +18,8 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .cuda_source import COPY, DOWN, DOWN_MMA, GATE_UP, GATE_UP_MMA, HEADER, ROUTER_LOGITS, ROUTER_SELECT, SPIN
+from .cuda_source import (ASYNC, BASE, COPY, CUDA_CORES, DOWN, DOWN_MMA, GATE_UP, GATE_UP_MMA, ROUTER_LOGITS,
+                          ROUTER_SELECT, SLOTS, SPIN, TENSOR_CORES as TENSOR_CORE_CODE, header)
 
 THREADS = 256  # 8 warps; also the most (token, expert) pairs one forward may have
 WARPS = THREADS // 32
@@ -44,27 +45,26 @@ SUPPORTED_GROUPS = (32, 64, 128)
 FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 
 
-#: kernel -> (input names, output names, body)
+#: kernel -> (input names, output names, body, header)
+_GATE_UP_IO = (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"], ["act"])
+_DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"])
 SIGNATURES = {
-    "router_logits": (["x", "w"], ["logits"], ROUTER_LOGITS),
-    "router_select": (["logits", "bias", "rsf"], ["inds", "scores"], ROUTER_SELECT),
-    "gate_up": (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"],
-                ["act"], GATE_UP),
-    "down": (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"], DOWN),
-    "copy": (["src"], ["dst"], COPY),
-    "spin": (["ns"], ["out"], SPIN),
+    "router_logits": (["x", "w"], ["logits"], ROUTER_LOGITS, header(BASE)),
+    "router_select": (["logits", "bias", "rsf"], ["inds", "scores"], ROUTER_SELECT, header(BASE)),
+    "gate_up": (*_GATE_UP_IO, GATE_UP, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
+    "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
+    "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
+    "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
+    "copy": (["src"], ["dst"], COPY, ""),
+    "spin": (["ns"], ["out"], SPIN, ""),
 }
-SIGNATURES.update({  # the tensor-core versions (4-bit weights, 16-bit activations): same arguments
-    "gate_up_mma": (*SIGNATURES["gate_up"][:2], GATE_UP_MMA),
-    "down_mma": (*SIGNATURES["down"][:2], DOWN_MMA),
-})
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, shared_memory: int = 0):
-    inputs, outputs, source = SIGNATURES[name]
+    inputs, outputs, source, head = SIGNATURES[name]
     return mx.fast.cuda_kernel(name=f"moedec_{name}", input_names=inputs, output_names=outputs,
-                               source=_minify(source), header=_minify(HEADER), shared_memory=shared_memory)
+                               source=_minify(source), header=_minify(head), shared_memory=shared_memory)
 
 
 def _minify(src: str) -> str:
@@ -326,7 +326,7 @@ def _noaux_gates() -> tuple[type, ...]:
 class _GatePlan:
     reason: str | None
     inputs: tuple = ()  # weight, correction bias, scaling factor
-    spec: tuple = ()  # router_template's arguments after x's dtype
+    spec: tuple = ()  # router_templates' arguments after x's dtype
 
     @property
     def width(self) -> int:
@@ -337,6 +337,7 @@ class _GatePlan:
         return self.spec[4]
 
 
+@functools.lru_cache(maxsize=64)
 def router_templates(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
                      top_groups: int, norm: bool) -> tuple[list, list]:
     """Template arguments of the router's logits and select kernels (what

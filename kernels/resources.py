@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import cuda_source as src
 from . import fused
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
@@ -43,7 +42,7 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
     :data:`fused.SIGNATURES` (see ``build_kernel`` in MLX's ``custom_kernel.cpp``): inputs and outputs
     typed by ``dtypes`` (name -> dtype; weights default to uint32), shape/strides/ndim parameters
     only for inputs whose ``<name>_shape`` etc. appear in the body, the template as constants."""
-    inputs, outputs, body = fused.SIGNATURES[name]
+    inputs, outputs, body, head = fused.SIGNATURES[name]
     params = []
     for n in inputs:
         params.append(f"const {CUDA_TYPES[dtypes.get(n, 'uint32')]}* {n}")
@@ -59,7 +58,7 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
             consts.append(f"  constexpr int {k} = {v};")
         else:  # an mx.Dtype
             consts.append(f"  using {k} = {CUDA_TYPES[str(v).rsplit('.', 1)[-1]]};")
-    return (PRELUDE + fused._minify(src.HEADER) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
+    return (PRELUDE + fused._minify(head) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
             + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
 
 
