@@ -18,8 +18,10 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .cuda_source import (ASYNC, BASE, COPY, CUDA_CORES, DOWN, DOWN_MMA, GATE_UP, GATE_UP_MMA, ROUTER_LOGITS,
-                          ROUTER_SELECT, SLOTS, SPIN, TENSOR_CORES as TENSOR_CORE_CODE, header)
+from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
+from .cuda_source import ASYNC, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
+from .tensor_cores import DOWN_MMA, GATE_UP_MMA
+from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
 THREADS = 256  # 8 warps; also the most (token, expert) pairs one forward may have
 WARPS = THREADS // 32
