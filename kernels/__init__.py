@@ -42,7 +42,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 #: Backends that ``auto`` picks for the MoE blocks of :func:`moe_blocks`: measured faster than stock
-#: end to end (H200, 2026-11-26: 407 vs 283 tok/s, docs/benchmarks.md).
+#: end to end (H200, 2026-11-26: 572 vs 429 tok/s with the stock kernels, docs/benchmarks.md).
 AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
