@@ -64,7 +64,7 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
 
 def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 64,
              x_dtype=mx.bfloat16) -> dict[str, tuple[str, int]]:
-    """The three kernels' (source, dynamic shared memory) for ``x_dtype`` activations, bf16 scales,
+    """Each kernel's (source, dynamic shared memory) for ``x_dtype`` activations, bf16 scales,
     ``bits``-bit experts ``d -> n`` in groups of ``group``."""
     xt = str(x_dtype).rsplit(".", 1)[-1]
     halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
