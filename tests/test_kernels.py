@@ -311,6 +311,28 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
         kernels.patch(qwen, "stock")
 
 
+@pytest.mark.parametrize("bits,group,d,n,dtype,path", [
+    (4, 64, 4096, 1536, "bfloat16", "_mma"),  # the synthetic GLM model
+    (4, 128, 7168, 2048, "float16", "_mma"),  # DeepSeek-V3 widths
+    (4, 64, 2048, 1408, "bfloat16", ""),  # 1408 inputs per down row: no whole 256-input slices
+    (8, 64, 4096, 1536, "bfloat16", ""),
+    (4, 64, 4096, 1536, "float32", ""),
+])
+def test_expert_kernel_choice_and_shared_memory(bits, group, d, n, dtype, path):
+    """Which kernels run a shape, and a shared-memory request MLX honours: above 48000 bytes (MLX
+    opts a kernel in to more than 48 KB only then; static tables plus rings exceed 48 KB) and within
+    the budget."""
+    from moedec.kernels import fused
+
+    ek = fused.expert_kernels(getattr(mx, dtype), mx.bfloat16, bits, d, n, group)
+    assert (ek.gate_up_name, ek.down_name) == ("gate_up" + path, "down" + path)
+    assert ek.fits
+    for smem in (ek.gate_up_smem, ek.down_smem):
+        assert fused.OPT_IN <= smem <= max(fused.SMEM_BUDGET, fused.OPT_IN)
+    if path:
+        assert dict(ek.gate_up)["GROUP"] == group and d % dict(ek.gate_up)["KS"] == 0 and n % dict(ek.down)["KS"] == 0
+
+
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
 @pytest.mark.parametrize("bits,group,d,n,dtype,path", [
     (4, 64, 512, 768, "bfloat16", "_mma"),  # tensor cores: slices of 512 and 256 inputs
