@@ -10,13 +10,19 @@ the model code and lets MLX fuse the elementwise ops.
 The copies are written back into the engine's cache when decoding ends, so the cache afterwards is
 the one the uncompiled path leaves.
 
+On CUDA the step's attention is moedec's decode-attention kernel, which reads the valid length
+from the offset array (MLX's fused attention takes no mask there), and the new position is written
+with a select rather than a dynamic-offset update (which costs two extra kernels per cache array).
+
 Off by default (``compile_step=True`` / ``--compile-step`` turns it on): on the CPU it measured 1.69x
-mlx-lm on a tiny float32 model whose step is all Python overhead, but level with the plain step on
-the bundled model (1.01x), and it is not yet measured on a GPU (examples/bench_compiled_step.py).
+mlx-lm on a tiny float32 model whose step is all Python overhead, level with the plain step on the
+bundled model (1.01x); on an H200 with the fused MoE kernels 1.06x the plain step (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from functools import partial
 from typing import Any, Optional
 
@@ -54,9 +60,14 @@ class StaticKVCache:
         return self.pos["offset"]
 
     def update_and_fetch(self, keys, values):
-        start = self.pos["offset"].reshape(1)
-        self.state["keys"] = mx.slice_update(self.state["keys"], keys, start, axes=(2,))
-        self.state["values"] = mx.slice_update(self.state["values"], values, start, axes=(2,))
+        if keys.shape[2] == 1:  # a select over the buffer: no dynamic-offset copy and offset kernels
+            at = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
+            self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
+            self.state["values"] = mx.where(at, values, self.state["values"])
+        else:
+            start = self.pos["offset"].reshape(1)
+            self.state["keys"] = mx.slice_update(self.state["keys"], keys, start, axes=(2,))
+            self.state["values"] = mx.slice_update(self.state["values"], values, start, axes=(2,))
         return self.state["keys"], self.state["values"]  # all C positions; the mask hides the rest
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
@@ -64,6 +75,33 @@ class StaticKVCache:
             raise MoedecError("sliding-window attention cannot use the compiled step")
         rows = self.pos["offset"] + mx.arange(n)[:, None]  # [N, 1]: each query's position
         return mx.arange(self.state["keys"].shape[2])[None] <= rows  # [N, C]
+
+
+@contextlib.contextmanager
+def _decode_attention(model: Any):
+    """While the step is traced on CUDA: the architecture's attention over a :class:`StaticKVCache`
+    goes to moedec's decode-attention kernel, which reads the valid length from the offset array
+    (MLX's fused attention takes no mask on CUDA; with the padding mask it falls back to several
+    kernels per layer)."""
+    from moedec import kernels
+
+    module = importlib.import_module(f"mlx_lm.models.{model.args.model_type}")
+    stock = getattr(module, "scaled_dot_product_attention", None)
+    if kernels.device_backend() != "cuda" or stock is None:
+        yield
+        return
+    from moedec.kernels.fused import decode_attention, why_not_decode_attention
+
+    def attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(cache, StaticKVCache) and sinks is None and why_not_decode_attention(queries, keys) is None:
+            return decode_attention(queries, keys, values, cache.offset, scale)
+        return stock(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    module.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        module.scaled_dot_product_attention = stock
 
 
 def _padded(a: mx.array, length: int, capacity: int) -> mx.array:
@@ -112,7 +150,8 @@ class CompiledSteps:
             pos = self.layers[0].pos
             saved = [dict(c.state) for c in self.layers], pos["offset"]
             try:
-                logits = self._step(tokens)
+                with _decode_attention(self.model):
+                    logits = self._step(tokens)
             except Exception:
                 for c, state in zip(self.layers, saved[0]):
                     c.state.update(state)

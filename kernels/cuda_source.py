@@ -243,6 +243,58 @@ ROUTER_SELECT = r"""
   }
 """
 
+# Decode attention over a fixed-capacity cache whose valid length is an array (the compiled step's
+# cache, moedec.compiled): MLX's fused attention takes no mask on CUDA, and a masked one falls back to
+# several kernels. Template: X dtype, D head size (a multiple of 32, at most 256), H query heads, HKV
+# key/value heads. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
+# position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of four warps
+# per (batch, head); each warp runs an online softmax over every fourth position, then warp 0 merges.
+ATTENTION = r"""
+  constexpr int EPL = D / 32, NW = 4;
+  __shared__ float s_m[NW], s_l[NW], s_o[NW][D];
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / HKV);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int C = k_shape[2], L = min(offset[0] + 1, C);
+  const X* kp = k + ((size_t)b * HKV + kvh) * C * D + lane * EPL;
+  const X* vp = v + ((size_t)b * HKV + kvh) * C * D + lane * EPL;
+  float qv[EPL], acc[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    qv[i] = moedec::to_f(q[(size_t)bh * D + lane * EPL + i]) * scale[0];
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int j = warp; j < L; j += NW) {
+    float sc = 0.f;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) sc = fmaf(qv[i], moedec::to_f(kp[(size_t)j * D + i]), sc);
+    sc = moedec::warp_sum(sc);
+    const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
+    l = l * corr + p;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) acc[i] = acc[i] * corr + p * moedec::to_f(vp[(size_t)j * D + i]);
+    m = mn;
+  }
+  if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) s_o[warp][lane * EPL + i] = acc[i];
+  __syncthreads();
+  if (warp == 0) {
+    float mx_ = -INFINITY, den = 0.f, out[EPL];
+    for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, s_m[w]);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) out[i] = 0.f;
+    for (int w = 0; w < NW; ++w) {
+      const float f = s_m[w] == -INFINITY ? 0.f : expf(s_m[w] - mx_);
+      den += s_l[w] * f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) out[i] += s_o[w][lane * EPL + i] * f;
+    }
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) o[(size_t)bh * D + lane * EPL + i] = (X)(out[i] / den);
+  }
+"""
+
 # A plain copy, to measure the device's copy bandwidth with full-width loads and stores.
 COPY = r"""
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -19,7 +19,7 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .cuda_source import ASYNC, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
+from .cuda_source import ASYNC, ATTENTION, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
@@ -57,6 +57,7 @@ SIGNATURES = {
     "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
+    "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION, header(BASE)),
     "copy": (["src"], ["dst"], COPY, ""),
     "spin": (["ns"], ["out"], SPIN, ""),
 }
@@ -409,6 +410,33 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
         output_shapes=[(*x.shape[:-1], plan.top_k)] * 2, output_dtypes=[mx.int32, mx.float32],
     )  # one warp per token
     return inds, scores
+
+
+# -- decode attention -------------------------------------------------------------------------------
+
+
+def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
+    """``None`` if :func:`decode_attention` can attend these one-token queries over ``keys``."""
+    b, h, n, d = queries.shape
+    if n != 1 or queries.dtype not in FLOATS or keys.dtype != queries.dtype:
+        return "one query position, float queries and keys of one dtype"
+    if d % 32 or d > 256 or keys.shape[3] != d or keys.shape[0] != b or h % keys.shape[1]:
+        return "head size a multiple of 32 up to 256, whole query heads per key/value head"
+    return None
+
+
+def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
+    """Softmax attention of ``queries [B, H, 1, D]`` over positions ``0..offset`` of ``keys`` /
+    ``values [B, Hkv, C, D]`` (``offset``: a 0-d int32 array, so the length can change without a new
+    graph); check :func:`why_not_decode_attention` first."""
+    b, h, _, d = queries.shape
+    (o,) = _kernel("attention")(
+        inputs=[queries, keys, values, offset, _scalar(float(scale))],
+        template=[("X", queries.dtype), ("D", d), ("H", h), ("HKV", keys.shape[1])],
+        grid=(b * h * 128, 1, 1), threadgroup=(128, 1, 1),
+        output_shapes=[queries.shape], output_dtypes=[queries.dtype],
+    )
+    return o
 
 
 def copy(src: mx.array) -> mx.array:

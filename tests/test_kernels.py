@@ -353,3 +353,24 @@ def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dty
         report = resources(source)
         assert "Used" in report and "registers" in report, f"{name}: {report}"
         assert " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} spills: {report}"
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d,h,hkv", [(mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)])
+def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv):
+    """The compiled step's attention: positions 0..offset of a fixed-capacity cache, the rest
+    (garbage here) ignored, as MLX's attention over exactly those positions computes it."""
+    from moedec.kernels.fused import decode_attention, why_not_decode_attention
+
+    c = 64
+    q = mx.random.normal((1, h, 1, d), key=mx.random.key(1)).astype(dtype)
+    k = mx.random.normal((1, hkv, c, d), key=mx.random.key(2)).astype(dtype)
+    v = mx.random.normal((1, hkv, c, d), key=mx.random.key(3)).astype(dtype)
+    assert why_not_decode_attention(q, k) is None
+    for offset in (0, 1, 17, c - 1):
+        got = decode_attention(q, k, v, mx.array(offset, dtype=mx.int32), d**-0.5).astype(mx.float32)
+        n = offset + 1
+        ref = mx.fast.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=d**-0.5).astype(mx.float32)
+        tol = 1e-5 if dtype == mx.float32 else 1e-2
+        assert mx.allclose(got, ref, atol=tol, rtol=tol).item(), (offset, float(mx.abs(got - ref).max()))
