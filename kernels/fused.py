@@ -1,11 +1,14 @@
-"""The fused MoE block on MLX's CUDA backend (``mx.fast.cuda_kernel``; source in ``cuda_source``).
+"""The fused MoE block on MLX's CUDA backend (``mx.fast.cuda_kernel``; sources in ``cuda_source``,
+``tensor_cores`` and ``cuda_cores``).
 
 * :func:`fused_router`: mlx-lm's ``noaux_tc`` gate in two kernels (logits, then the selection) ->
   ``(inds [.., K] int32, scores [.., K] float32)``.
 * :func:`fused_moe`: ``sum_k scores[.., k] * expert_k(x) (+ shared(x))`` in two kernels, each
   active expert's weights read once per forward however many tokens route to it.
-* :func:`fused_switch_glu`: ``SwitchGLU(x, indices) -> [.., K, D]`` through the same kernels (each
-  (token, expert) pair is its own row with weight 1).
+* :func:`fused_switch_glu`: ``SwitchGLU(x, indices) -> [.., K, D]`` through the same kernels (every
+  (token, expert) pair's output, no combine).
+* :func:`decode_attention`: one-token attention over a fixed-capacity cache whose valid length is
+  an array (the compiled step's, :mod:`moedec.compiled`).
 
 Each ``why_not_*`` returns ``None`` when the kernel can run the call, else the reason it cannot;
 callers fall back to mlx-lm's stock path.
