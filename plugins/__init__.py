@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import os
-import sys
 import warnings
 from typing import Optional
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import moedec
 from moedec.cli import app
 from moedec.errors import MoedecError
-from moedec.models import build_model, default_model, randomize
+from moedec.models import build_model, randomize
 from moedec.strategies.eagle import (
     NO_HEAD, Eagle, EagleHead, eagle_config_for, head_files, load_eagle_head, random_eagle_head,
     save_eagle_head,

@@ -17,7 +17,7 @@ from moedec.errors import MoedecError
 from moedec.sampling import SamplingParams
 
 from . import default_prompts, describe_model, oracle_greedy, compare_greedy, small_vocab_model, tiny_models
-from .distribution import Findings, Sample, check_end_to_end, check_steps, drafted_by_position
+from .distribution import Sample, check_end_to_end, check_steps, drafted_by_position
 from .probe import Probe, implements_hooks
 
 CHECKS = ("lossless-greedy", "lossless-sampling", "draft-validity", "cache", "stopping", "determinism")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
 from hypothesis import strategies as hs
 
 from moedec.options import option_fields
