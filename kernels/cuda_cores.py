@@ -332,20 +332,5 @@ DOWN = r"""
   }
   moedec::cp_wait<0>();
   __syncthreads();
-  if (meta[1] != 0) {  // SwitchGLU: y[p, d] for every pair, no combine
-    for (int o = threadIdx.x; o < P * ROWS; o += moedec::THREADS) {
-      const int p = o / ROWS, r = o % ROWS, d = d0 + r;
-      if (d < NOUT) y[(size_t)p * NOUT + d] = (X)s_val[p * ROWS + r];
-    }
-    return;
-  }
-  for (int o = threadIdx.x; o < T * ROWS; o += moedec::THREADS) {
-    const int t = o / ROWS, r = o % ROWS, d = d0 + r;
-    if (d < NOUT) {
-      float v = 0.f;
-      for (int k = 0; k < K; ++k) v += scores[t * K + k] * s_val[(t * K + k) * ROWS + r];
-      if (SHARED) v += s_val[(P + t) * ROWS + r];
-      y[(size_t)t * NOUT + d] = (X)v;
-    }
-  }
+  moedec::write_rows<X>(s_val, scores, y, P, K, SHARED, meta[1] != 0, d0, ROWS, NOUT);
 """

@@ -148,6 +148,31 @@ __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {
   if (tid < P) s.list[s.start[slot] + pos] = tid;  // order inside a slot does not change results
   __syncthreads();
 }
+
+// The down kernels' last step, after a barrier: s_val holds one dot per (pair, or P + token for the
+// shared expert; one of the block's ROWS output rows from d0). Writes y[t, d] = sum_k scores[t, k] *
+// s_val[t*K + k] (+ shared), in pair order; or, per pair (SwitchGLU), y[p, d] = s_val[p].
+template <typename X>
+__device__ void write_rows(const float* s_val, const float* scores, X* y, int P, int K, bool shared, bool per_pair,
+                           int d0, int rows, int nout) {
+  if (per_pair) {
+    for (int o = threadIdx.x; o < P * rows; o += THREADS) {
+      const int p = o / rows, r = o % rows, d = d0 + r;
+      if (d < nout) y[(size_t)p * nout + d] = (X)s_val[p * rows + r];
+    }
+    return;
+  }
+  const int T = P / K;
+  for (int o = threadIdx.x; o < T * rows; o += THREADS) {
+    const int t = o / rows, r = o % rows, d = d0 + r;
+    if (d < nout) {
+      float v = 0.f;
+      for (int k = 0; k < K; ++k) v += scores[t * K + k] * s_val[(t * K + k) * rows + r];
+      if (shared) v += s_val[(P + t) * rows + r];
+      y[(size_t)t * nout + d] = (X)v;
+    }
+  }
+}
 """
 
 

@@ -152,6 +152,23 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
     }
   }
 }
+
+// One slice of a warp item for its cnt tokens (one n-tile up to 8, two up to 16): acc starts from
+// zero at the item's first slice.
+template <int KS, int GROUP, bool TABLE, typename X, typename S>
+__device__ __forceinline__ void item_slice(const MStage<KS, S>& st, int sl, int cnt, const X* const (&xr)[2],
+                                           const float* const (&sx)[2][2], float (&acc)[2][4]) {
+  if (sl == 0) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+  }
+  if (cnt > 8)
+    slice_mma<KS, GROUP, 2, TABLE, X, S>(st, sl, xr, sx, acc);
+  else
+    slice_mma<KS, GROUP, 1, TABLE, X, S>(st, sl, xr, sx, acc);
+}
 """
 
 # The tensor-core kernels (4-bit weights, X bfloat16 or float16). Template: X, S, DIN, NOUT, KS (inputs per
@@ -164,7 +181,7 @@ GATE_UP_MMA = r"""
   extern __shared__ __align__(16) unsigned char ring_bytes[];
   constexpr int SLICES = DIN / KS, WORDS = DIN / 8;
   using St = moedec::MStage<KS, S>;
-  constexpr int GROUPS = DIN / GROUP, GSH = GROUP == 32 ? 5 : GROUP == 64 ? 6 : 7;
+  constexpr int GROUPS = DIN / GROUP;
   int T = 1;
   for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
   const int K = inds_shape[inds_ndim - 1];
@@ -219,21 +236,12 @@ GATE_UP_MMA = r"""
       const int t = token(nt * 8 + g);
       xr[nt] = x + (size_t)(t < 0 ? token(0) : t) * DIN;
     }
-    if (sl == 0) {
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-    }
     const float* sx[2][2];  // sum-x table rows of this lane's columns 2c, 2c + 1
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sx[nt][h] = s_sx + max(token(nt * 8 + 2 * c + h), 0) * GROUPS;
-    if (cnt > 8)
-      moedec::slice_mma<KS, GROUP, 2, true, X, S>(ring[k % STAGES], sl, xr, sx, acc);
-    else
-      moedec::slice_mma<KS, GROUP, 1, true, X, S>(ring[k % STAGES], sl, xr, sx, acc);
+    moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);
     if (sl == SLICES - 1) {  // rows g: gate n0 + g, g + 8: up n0 + g; columns 2c, 2c + 1
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -260,7 +268,7 @@ DOWN_MMA = r"""
   extern __shared__ __align__(16) unsigned char ring_bytes[];
   constexpr int SLICES = DIN / KS, WORDS = DIN / 8, RG = ROWS / 16;
   using St = moedec::MStage<KS, S>;
-  constexpr int GROUPS = DIN / GROUP, GSH = GROUP == 32 ? 5 : GROUP == 64 ? 6 : 7;
+  constexpr int GROUPS = DIN / GROUP;
   const int K = inds_shape[inds_ndim - 1];
   int P = 1;
   for (int i = 0; i < inds_ndim; ++i) P *= inds_shape[i];
@@ -305,17 +313,8 @@ DOWN_MMA = r"""
       const int p = row_of(nt * 8 + g);
       xr[nt] = act + (size_t)(p < 0 ? row_of(0) : p) * DIN;
     }
-    if (sl == 0) {
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-    }
     const float* const none[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
-    if (cnt > 8)
-      moedec::slice_mma<KS, GROUP, 2, false, X, S>(ring[k % STAGES], sl, xr, none, acc);
-    else
-      moedec::slice_mma<KS, GROUP, 1, false, X, S>(ring[k % STAGES], sl, xr, none, acc);
+    moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);
     if (sl == SLICES - 1) {  // rows r0 + g, r0 + g + 8 of the block; columns 2c, 2c + 1
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -334,20 +333,5 @@ DOWN_MMA = r"""
   }
   moedec::cp_wait<0>();
   __syncthreads();
-  if (PER_PAIR) {  // SwitchGLU: y[p, d] for every pair, no combine
-    for (int o = threadIdx.x; o < P * ROWS; o += moedec::THREADS) {
-      const int p = o / ROWS, r = o % ROWS, d = d0 + r;
-      if (d < NOUT) y[(size_t)p * NOUT + d] = (X)s_val[p * ROWS + r];
-    }
-    return;
-  }
-  for (int o = threadIdx.x; o < T * ROWS; o += moedec::THREADS) {
-    const int t = o / ROWS, r = o % ROWS, d = d0 + r;
-    if (d < NOUT) {
-      float v = 0.f;
-      for (int k = 0; k < K; ++k) v += scores[t * K + k] * s_val[(t * K + k) * ROWS + r];
-      if (SHARED) v += s_val[(P + t) * ROWS + r];
-      y[(size_t)t * NOUT + d] = (X)v;
-    }
-  }
+  moedec::write_rows<X>(s_val, scores, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
 """
