@@ -13,12 +13,15 @@ PROMPTS = [[1, 2, 3, 4, 5], [9] * 12]
 @pytest.mark.parametrize("arch", sorted(compiled.COMPILABLE))
 def test_compiled_step_decodes_like_mlx_lm(arch, monkeypatch):
     monkeypatch.setattr(compiled, "CHUNK", 8)  # the buffers grow (and the step is traced again) often
-    model = tiny_moe(arch)
+    _assert_compiled_decodes_like_mlx_lm(tiny_moe(arch), 30)
+
+
+def _assert_compiled_decodes_like_mlx_lm(model, tokens: int) -> None:
     for p in PROMPTS:
-        dec = moedec.stream_generate(model, p, max_tokens=30, eos_token_ids=[], compile_step=True)
-        tokens = [t for chunk in dec for t in chunk.tokens]
+        dec = moedec.stream_generate(model, p, max_tokens=tokens, eos_token_ids=[], compile_step=True)
+        got = [t for chunk in dec for t in chunk.tokens]
         assert dec.compile_reason is None
-        div = compare_greedy(oracle_greedy(model, p, 30), tokens, atol=1e-4)
+        div = compare_greedy(oracle_greedy(model, p, tokens), got, atol=1e-4)
         assert div is None or div.near_tie, div.describe()
 
 
@@ -67,10 +70,4 @@ def test_compiled_step_with_wide_heads_decodes_like_mlx_lm(arch, monkeypatch):
     """Heads of 32: on CUDA the compiled step's attention is moedec's decode-attention kernel over
     the fixed-capacity cache (elsewhere the masked attention); tokens as mlx-lm's."""
     monkeypatch.setattr(compiled, "CHUNK", 16)
-    model = tiny_moe(arch, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
-    for p in PROMPTS:
-        dec = moedec.stream_generate(model, p, max_tokens=24, eos_token_ids=[], compile_step=True)
-        tokens = [t for chunk in dec for t in chunk.tokens]
-        assert dec.compile_reason is None
-        div = compare_greedy(oracle_greedy(model, p, 24), tokens, atol=1e-4)
-        assert div is None or div.near_tie, div.describe()
+    _assert_compiled_decodes_like_mlx_lm(tiny_moe(arch, head_dim=32, num_attention_heads=4, num_key_value_heads=2), 24)
