@@ -4,19 +4,22 @@
    read + write bytes over time; the larger is the reference;
 2. per T = 1, 2, 4, 8, 16 on the synthetic GLM model's MoE layers (77 experts, 4096 -> 1536, 4-bit
    g64, bf16): the routed-expert op (experts + routing-weight combine) and the whole MoE block
-   (router, experts, combine, shared expert), stock vs fused: time, mean union U, bytes of the active
+   (its input norm, router, experts, combine, shared expert), stock vs fused: time, mean union U, bytes of the active
    experts, GB/s and % of copy bandwidth, time(T)/time(1) against U(T)/U(1), and the max difference;
 3. where one T=1 decode step's time goes: Python graph building, MLX's encoding of the ops, and the
    rest (the GPU finishing), stock vs fused;
 4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
-   with ``--kernel stock``, ``--kernel fused``, and fused with the compiled step (``--compile-step``),
-   interleaved rounds, plus how long the greedy
+   with ``--kernel stock``, ``--kernel fused`` (both ``--no-compile-step``), and fused with the
+   compiled step (moedec's default on CUDA), interleaved rounds, plus how long the greedy
    outputs agree, and for one single-token forward the top-2 logit margin against the largest
    stock/fused logit difference (a random bf16 model has near-ties).
 
 Timings are steady state: every measured batch of calls is first run twice with the same shape of
-graph, so MLX's CUDA-graph cache is warm, and every call uses other inputs (other routings, cycling
-over the layers) so that no call finds the previous one's experts in L2. Layer times are GPU times
+graph, so MLX's CUDA-graph cache is warm, and every call uses another routing, cycling over the
+layers, so that no call finds the previous one's experts in L2. Each call takes the previous call's
+output as its input, so the calls run one after another as a forward's layers do (MLX's CUDA graphs
+run calls without a data dependency concurrently, which would time throughput, not the layer's
+latency that a decode step pays). Layer times are GPU times
 (the calls wait behind a busy kernel while the host queues them; the busy time is subtracted), the
 bandwidth figures use them; "wall" is the plain back-to-back time, host included.
 
@@ -102,6 +105,10 @@ def _diff(a: list, b: list) -> float:
 
 def layer_bench(model, bw: float, reps: int) -> list[dict]:
     blocks = [l.mlp for l in model.model.layers if hasattr(l.mlp, "switch_mlp")]
+    norm = {id(l.mlp): l.post_attention_layernorm for l in model.model.layers}
+
+    def block(b, x, i, s):  # the MoE block after its input norm, as in the layer (a chained input stays in scale)
+        return b(norm[id(b)](x))
     per_expert = expert_bytes(blocks[0].switch_mlp)
     fixed = sum(v.nbytes for _, v in tree_flatten(blocks[0].shared_experts.parameters())) + blocks[0].gate.weight.nbytes
     rows, base = [], {}
@@ -119,7 +126,16 @@ def layer_bench(model, bw: float, reps: int) -> list[dict]:
         counter = iter(range(10**9))
 
         def cycle(fn):
-            return lambda: fn(*cases[next(counter) % len(cases)])
+            """Calls of ``fn`` on the next case, each fed the previous call's output as its input: a
+            chain, as the layers of a forward are (MLX's CUDA graphs run independent calls at once)."""
+            last = {}
+
+            def call():
+                b, x, i, s = cases[next(counter) % len(cases)]
+                last["y"] = fn(b, last.get("y", x), i, s)
+                return last["y"]
+
+            return call
 
         stock_e = cycle(lambda b, x, i, s: stock_experts(b.switch_mlp, x, i, s))
         fused_e = cycle(lambda b, x, i, s: fused.fused_moe(b.switch_mlp, x, i, s))
@@ -127,13 +143,13 @@ def layer_bench(model, bw: float, reps: int) -> list[dict]:
         row["experts_fused_us"] = 1e6 * gpu_timed(fused_e, reps)
         row["experts_stock_wall_us"] = 1e6 * timed(stock_e, reps)
         row["experts_fused_wall_us"] = 1e6 * timed(fused_e, reps)
-        row["block_stock_us"] = 1e6 * gpu_timed(cycle(lambda b, x, i, s: b(x)), reps)
+        row["block_stock_us"] = 1e6 * gpu_timed(cycle(block), reps)
         some = cases[:3]
         ref_e = [stock_experts(b.switch_mlp, x, i, s) for b, x, i, s in some]
         got_e = [fused.fused_moe(b.switch_mlp, x, i, s) for b, x, i, s in some]
         ref_b = [b(x) for b, x, _, _ in some]
         kernels.patch(model, "fused")
-        row["block_fused_us"] = 1e6 * gpu_timed(cycle(lambda b, x, i, s: b(x)), reps)
+        row["block_fused_us"] = 1e6 * gpu_timed(cycle(block), reps)
         got_b = [b(x) for b, x, _, _ in some]
         kernels.patch(model, "stock")
         row["experts_max_abs_diff"], row["block_max_abs_diff"] = _diff(ref_e, got_e), _diff(ref_b, got_b)
