@@ -147,10 +147,12 @@ class CompiledSteps:
         if self._traced:
             logits = self._step(tokens)
         else:  # this call traces: a failed trace leaves placeholders in the state, so keep the arrays
+            from moedec import kernels
+
             pos = self.layers[0].pos
             saved = [dict(c.state) for c in self.layers], pos["offset"]
             try:
-                with _decode_attention(self.model):
+                with _decode_attention(self.model), kernels.joined(self.model):
                     logits = self._step(tokens)
             except Exception:
                 for c, state in zip(self.layers, saved[0]):

@@ -6,7 +6,13 @@
   ``switch(x, inds)`` returns ``[.., K, D]``; called with ``scores=`` (and ``shared=``) it also does
   the routing-weight combine (and adds the shared expert) and returns ``[.., D]``;
 * every GLM-4.x / DeepSeek-V3 MoE block (``noaux_tc`` gate) gets a ``__call__`` that routes with
-  the backend's router kernel and hands ``scores`` and the shared expert to its ``SwitchGLU``.
+  the backend's router kernel and hands ``scores`` and the shared expert to its ``SwitchGLU``;
+
+:func:`joined` (used while the compiled decode step is traced, :mod:`moedec.compiled`) also lets
+every GLM-4.x attention layer compute its queries, keys and values in one quantized matmul and
+their RoPE in one call (:mod:`moedec.kernels.attention`), and every GLM-4.x decoder layer join its
+residual add and norm and hand its fused MoE block the residual (:mod:`moedec.kernels.layer`):
+fewer kernels per step.
 
 Each call goes to the device's backend when it fits (``why_not_*`` is ``None``), else to mlx-lm's
 stock code, the reference. Backends live in :data:`BACKENDS`; a Metal one drops in by registering
@@ -15,6 +21,7 @@ stock code, the reference. Backends live in :data:`BACKENDS`; a Metal one drops 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional
 
@@ -23,6 +30,9 @@ import mlx.core as mx
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from moedec.errors import MoedecError
+
+from .attention import patch_attention
+from .layer import patch_layers
 
 KERNELS = ("auto", "stock", "fused")
 
@@ -37,6 +47,8 @@ class Backend:
     why_not_shared: Callable  # (switch, shared) -> str | None
     why_not_router: Callable  # (gate, x) -> str | None
     router: Callable  # (gate, x) -> (inds, scores)
+    why_not_add_norm: Callable  # (x, r, weight) -> str | None
+    add_norm: Callable  # (x, r, weight, eps) -> (x + r, rms_norm(x + r, weight, eps))
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -50,7 +62,8 @@ def _register_cuda() -> None:
     from . import fused
 
     BACKENDS["cuda"] = Backend(fused.why_not_fused, fused.fused_switch_glu, fused.fused_moe,
-                               fused.why_not_shared, fused.why_not_router, fused.fused_router)
+                               fused.why_not_shared, fused.why_not_router, fused.fused_router,
+                               fused.why_not_add_norm, fused.add_rms_norm)
 
 
 _register_cuda()
@@ -72,31 +85,36 @@ class DispatchingSwitchGLU(SwitchGLU):
 
     moedec_backend: Optional[str] = None  # set per instance by patch()
 
-    def __call__(self, x: mx.array, indices: mx.array, scores: Optional[mx.array] = None, shared=None) -> mx.array:
+    def __call__(self, x: mx.array, indices: mx.array, scores: Optional[mx.array] = None, shared=None,
+                 residual: Optional[mx.array] = None) -> mx.array:
         be = BACKENDS.get(self.moedec_backend or "")
         fits = be is not None and be.why_not(self, x, indices) is None
         if scores is None:
             return be.switch_glu(self, x, indices) if fits else SwitchGLU.__call__(self, x, indices)
+        if fits and (shared is None or be.why_not_shared(self, shared) is None):
+            return be.moe(self, x, indices, scores, shared, residual=residual)
         if fits:
-            fuse_shared = shared is not None and be.why_not_shared(self, shared) is None
-            y = be.moe(self, x, indices, scores, shared if fuse_shared else None)
-            return y if shared is None or fuse_shared else y + shared(x)
-        y = SwitchGLU.__call__(self, x, indices)  # mlx-lm's MoE combine, verbatim in effect
-        y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
-        return y if shared is None else y + shared(x)
+            y = be.moe(self, x, indices, scores, None)
+        else:
+            y = SwitchGLU.__call__(self, x, indices)  # mlx-lm's MoE combine, verbatim in effect
+            y = (y * scores[..., None]).sum(axis=-2).astype(y.dtype)
+        y = y if shared is None else y + shared(x)
+        return y if residual is None else residual + y
 
 
-def _moe_call(self, x: mx.array) -> mx.array:
-    """A GLM-4.x / DeepSeek-V3 MoE block: route, then experts + combine + shared in the switch."""
+def _moe_call(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+    """A GLM-4.x / DeepSeek-V3 MoE block: route, then experts + combine + shared in the switch
+    (``residual + block(x)`` if a residual is given: the decoder layer's add, in the same kernel)."""
     if self.sharding_group is not None or not isinstance(self.switch_mlp, DispatchingSwitchGLU):
-        return self._moedec_stock_call(x)
+        y = self._moedec_stock_call(x)
+        return y if residual is None else residual + y
     be = BACKENDS.get(self.moedec_backend or "")
     if be is not None and be.why_not_router(self.gate, x) is None:
         inds, scores = be.router(self.gate, x)
     else:
         inds, scores = self.gate(x)
     shared = self.shared_experts if self.config.n_shared_experts is not None else None
-    return self.switch_mlp(x, inds, scores=scores, shared=shared)
+    return self.switch_mlp(x, inds, scores=scores, shared=shared, residual=residual)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,3 +189,20 @@ def patch(model, kernel: str = "auto") -> int:
                 b.__class__ = _fused_block_class(type(b))
             b.moedec_backend = use
     return fused
+
+
+@contextlib.contextmanager
+def joined(model):
+    """While open: ``model``'s GLM-4.x attention layers join their q/k/v projections and RoPEs, and
+    its decoder layers, where the MoE blocks dispatch to a backend, join the residual add and norm
+    and pass the residual into the block's last kernel. Same results; fewer kernels per step. The
+    compiled step traces under it: there the joins measured faster, while on the plain step the extra
+    Python per layer cost more than the kernels saved (docs/benchmarks.md)."""
+    backend = next((b.moedec_backend for b in moe_blocks(model) if getattr(b, "moedec_backend", None)), None)
+    patch_attention(model, True)
+    patch_layers(model, backend)
+    try:
+        yield
+    finally:
+        patch_layers(model, None)
+        patch_attention(model, False)

@@ -332,5 +332,5 @@ DOWN = r"""
   }
   moedec::cp_wait<0>();
   __syncthreads();
-  moedec::write_rows<X>(s_val, scores, y, P, K, SHARED, meta[1] != 0, d0, ROWS, NOUT);
+  moedec::write_rows<X>(s_val, scores, meta[2] ? res : nullptr, y, P, K, SHARED, meta[1] != 0, d0, ROWS, NOUT);
 """

@@ -151,10 +151,11 @@ __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {
 
 // The down kernels' last step, after a barrier: s_val holds one dot per (pair, or P + token for the
 // shared expert; one of the block's ROWS output rows from d0). Writes y[t, d] = sum_k scores[t, k] *
-// s_val[t*K + k] (+ shared), in pair order; or, per pair (SwitchGLU), y[p, d] = s_val[p].
+// s_val[t*K + k] (+ shared), in pair order, plus res[t, d] if res (rounded first, as `h + moe(x)`);
+// or, per pair (SwitchGLU), y[p, d] = s_val[p].
 template <typename X>
-__device__ void write_rows(const float* s_val, const float* scores, X* y, int P, int K, bool shared, bool per_pair,
-                           int d0, int rows, int nout) {
+__device__ void write_rows(const float* s_val, const float* scores, const X* res, X* y, int P, int K, bool shared,
+                           bool per_pair, int d0, int rows, int nout) {
   if (per_pair) {
     for (int o = threadIdx.x; o < P * rows; o += THREADS) {
       const int p = o / rows, r = o % rows, d = d0 + r;
@@ -169,7 +170,7 @@ __device__ void write_rows(const float* s_val, const float* scores, X* y, int P,
       float v = 0.f;
       for (int k = 0; k < K; ++k) v += scores[t * K + k] * s_val[(t * K + k) * rows + r];
       if (shared) v += s_val[(P + t) * rows + r];
-      y[(size_t)t * nout + d] = (X)v;
+      y[(size_t)t * nout + d] = res ? (X)(to_f(res[(size_t)t * nout + d]) + to_f((X)v)) : (X)v;
     }
   }
 }
@@ -317,6 +318,50 @@ ATTENTION = r"""
     }
 #pragma unroll
     for (int i = 0; i < EPL; ++i) o[(size_t)bh * D + lane * EPL + i] = (X)(out[i] / den);
+  }
+"""
+
+# ADD_NORM: a residual add and the RMSNorm after it (a decoder layer's post-attention norm) in one
+# kernel. Template: X, D (a multiple of 8). Inputs x, r [T, D], w [D], eps [1] float32. Outputs
+# h = x + r and n = w * X(h * rsqrt(mean(h^2) + eps)) [T, D], rounded as MLX's add and rms_norm do.
+# One block per token; each thread keeps its 8-value chunks of h in registers (D <= 8 * 4 * THREADS).
+ADD_NORM = r"""
+  constexpr int CH = (D / 8 + moedec::THREADS - 1) / moedec::THREADS;  // chunks of 8 per thread
+  __shared__ float s_part[moedec::WARPS];
+  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float hv[CH][8], ss = 0.f;
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int i = (c * moedec::THREADS + threadIdx.x) * 8;
+    if (i < D) {
+      float a[8], b[8];
+      moedec::load8(x + (size_t)t * D + i, a);
+      moedec::load8(r + (size_t)t * D + i, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const X o = (X)(a[j] + b[j]);
+        h[(size_t)t * D + i + j] = o;
+        hv[c][j] = moedec::to_f(o);
+        ss += hv[c][j] * hv[c][j];
+      }
+    }
+  }
+  ss = moedec::warp_sum(ss);
+  if (lane == 0) s_part[warp] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w_ = 0; w_ < moedec::WARPS; ++w_) tot += s_part[w_];
+  const float norm = rsqrtf(tot / D + eps[0]);
+#pragma unroll
+  for (int c = 0; c < CH; ++c) {
+    const int i = (c * moedec::THREADS + threadIdx.x) * 8;
+    if (i < D) {
+      float g[8];
+      moedec::load8(w + i, g);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) n[(size_t)t * D + i + j] = (X)(g[j] * moedec::to_f((X)(hv[c][j] * norm)));
+    }
   }
 """
 

@@ -7,6 +7,7 @@
   active expert's weights read once per forward however many tokens route to it.
 * :func:`fused_switch_glu`: ``SwitchGLU(x, indices) -> [.., K, D]`` through the same kernels (every
   (token, expert) pair's output, no combine).
+* :func:`add_rms_norm`: a residual add and the RMSNorm after it, in one kernel.
 * :func:`decode_attention`: one-token attention over a fixed-capacity cache whose valid length is
   an array (the compiled step's, :mod:`moedec.compiled`).
 
@@ -22,7 +23,7 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .cuda_source import ASYNC, ATTENTION, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
+from .cuda_source import ADD_NORM, ASYNC, ATTENTION, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
@@ -52,7 +53,7 @@ FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 
 #: kernel -> (input names, output names, body, header)
 _GATE_UP_IO = (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"], ["act"])
-_DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd"], ["y"])
+_DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd", "res"], ["y"])
 SIGNATURES = {
     "router_logits": (["x", "w"], ["logits"], ROUTER_LOGITS, header(BASE)),
     "router_select": (["logits", "bias", "rsf"], ["inds", "scores"], ROUTER_SELECT, header(BASE)),
@@ -61,6 +62,7 @@ SIGNATURES = {
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION, header(BASE)),
+    "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE)),
     "copy": (["src"], ["dst"], COPY, ""),
     "spin": (["ns"], ["out"], SPIN, ""),
 }
@@ -275,11 +277,13 @@ def _swiglu_mlp_calls() -> frozenset:
     return frozenset({glm4_moe.MLP.__call__, deepseek_v3.DeepseekV3MLP.__call__})
 
 
-def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None, per_pair: bool = False) -> mx.array:
+def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None, per_pair: bool = False,
+              residual: mx.array | None = None) -> mx.array:
     """``x [.., D]``, ``inds``/``scores [.., K]`` -> ``[.., D]`` in ``x.dtype``: the routed experts
     combined with ``scores`` (float32 sums in pair order), plus ``shared(x)`` if given (fused: check
-    :func:`why_not_fused` and :func:`why_not_shared` first). ``per_pair``: no combine, ``[P, D]``
-    with every (token, expert) pair's expert output (``scores`` unused)."""
+    :func:`why_not_fused` and :func:`why_not_shared` first), plus ``residual`` (``[.., D]``, added to
+    the rounded sum, as ``residual + moe(x)``) if given. ``per_pair``: no combine, ``[P, D]`` with
+    every (token, expert) pair's expert output (``scores`` unused)."""
     plan = _plan(switch, _switch_plan)
     wg, sg, bg, wu, su, bu, wd, sd, bd = plan.arrays
     h = _shared_plan_of(switch, shared).arrays if shared is not None else plan.arrays
@@ -290,7 +294,7 @@ def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None
         inds = inds.astype(mx.int32)
     if scores.dtype != mx.float32:
         scores = scores.astype(mx.float32)
-    meta = _meta(shared is not None, per_pair)
+    meta = _meta(shared is not None, per_pair, residual is not None)
     ek = expert_kernels(x.dtype, plan.scales, plan.bits, d, n, plan.group)
     (act,) = _kernel(ek.gate_up_name, ek.gate_up_smem)(
         inputs=[x, inds, meta, wg, sg, bg, wu, su, bu, *h[:6]],
@@ -301,7 +305,7 @@ def fused_moe(switch, x: mx.array, inds: mx.array, scores: mx.array, shared=None
         output_dtypes=[x.dtype],
     )  # [P (+T), N]: row p = pair p, row P + t = token t's shared expert
     (y,) = _kernel(ek.down_name, ek.down_smem)(
-        inputs=[act, inds, scores, meta, wd, sd, bd, *h[6:]],
+        inputs=[act, inds, scores, meta, wd, sd, bd, *h[6:], x if residual is None else residual],
         template=ek.down,
         grid=(-(-d // ROWS) * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
@@ -387,9 +391,11 @@ def _scalar(v: float) -> mx.array:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta(shared: bool, per_pair: bool) -> mx.array:
-    """The expert kernels' flags: fuse the shared expert; write every pair's output (no combine)."""
-    return mx.array([int(shared), int(per_pair)], mx.int32)
+@functools.lru_cache(maxsize=8)
+def _meta(shared: bool, per_pair: bool, residual: bool = False) -> mx.array:
+    """The expert kernels' flags: fuse the shared expert; write every pair's output (no combine);
+    add the residual input."""
+    return mx.array([int(shared), int(per_pair), int(residual)], mx.int32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -413,6 +419,31 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
         output_shapes=[(*x.shape[:-1], plan.top_k)] * 2, output_dtypes=[mx.int32, mx.float32],
     )  # one warp per token
     return inds, scores
+
+
+# -- residual add + RMSNorm ------------------------------------------------------------------------
+
+
+def why_not_add_norm(x: mx.array, r: mx.array, weight: mx.array) -> str | None:
+    """``None`` if :func:`add_rms_norm` can take these arrays, else why not."""
+    d = x.shape[-1]
+    if x.shape != r.shape or x.dtype != r.dtype or x.dtype not in FLOATS or weight.shape != (d,):
+        return "x and r of one float dtype and shape, a weight as wide as their rows"
+    if d % 8 or d > 32 * THREADS or weight.dtype not in FLOATS:
+        return "rows of a multiple of 8 values, at most 8192, and a float weight"
+    return None
+
+
+def add_rms_norm(x: mx.array, r: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """``(h, n)`` with ``h = x + r`` and ``n = mx.fast.rms_norm(h, weight, eps)``, in one kernel
+    (check :func:`why_not_add_norm` first)."""
+    d = x.shape[-1]
+    h, n = _kernel("add_norm")(
+        inputs=[x, r, weight, _scalar(float(eps))], template=[("X", x.dtype), ("D", d)],
+        grid=(x.size // d * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
+    )  # one block per row
+    return h, n
 
 
 # -- decode attention -------------------------------------------------------------------------------

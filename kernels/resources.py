@@ -69,13 +69,14 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
     xt = str(x_dtype).rsplit(".", 1)[-1]
     halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
                            "bfloat16")
-    dtypes = {**halves, **dict.fromkeys(["x", "act", "y"], xt), "inds": "int32", "meta": "int32", "rsf": "float32",
+    dtypes = {**halves, **dict.fromkeys(["x", "act", "y", "res", "r", "h", "n"], xt), "inds": "int32", "meta": "int32", "rsf": "float32",
               "scores": "float32", "logits": "float32"}
     bf16 = mx.bfloat16
     ek = fused.expert_kernels(x_dtype, bf16, bits, d, n, group)
     return {
         "gate_up": (kernel_source(ek.gate_up_name, ek.gate_up, dtypes), ek.gate_up_smem),
         "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
+        "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),
         **{name: (kernel_source(name, tpl, dtypes), 0) for name, tpl in
            zip(("router_logits", "router_select"),
                fused.router_templates(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True))},

@@ -333,5 +333,5 @@ DOWN_MMA = r"""
   }
   moedec::cp_wait<0>();
   __syncthreads();
-  moedec::write_rows<X>(s_val, scores, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
+  moedec::write_rows<X>(s_val, scores, meta[2] ? res : nullptr, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
 """

@@ -197,6 +197,8 @@ def test_fused_matches_reference(bits, group, dtype, n):
         assert got.shape == x.shape and got.dtype == dtype
         err = float(mx.abs(got.astype(mx.float32) - ref).max())
         assert err <= 4 * tol, f"block T={t} bits={bits} group={group} {dtype}: max error {err} > {4 * tol}"
+        h = (mx.random.normal((1, t, d), key=mx.random.key(99 + t))).astype(dtype)  # a residual, added as h + block
+        assert mx.array_equal(fused_moe(sw, x, idx, scores, shared, residual=h), h + got).item()
 
 
 @gpu
@@ -272,16 +274,22 @@ def test_fused_kernel_is_lossless_end_to_end():
 
 def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
     """With a backend present (a CPU stand-in computing the reference), ``auto`` routes the GLM MoE
-    blocks through its block op (combine and shared expert included) and leaves other models'
+    blocks through its block op (combine and shared expert included; under kernels.joined also the
+    decoder layer's residual add, after the backend's add + norm) and leaves other models'
     SwitchGLU layers on the stock path; ``fused`` takes those too. Outputs stay mlx-lm's."""
     from moedec.testing import compare_greedy, oracle_greedy, tiny_moe
 
     calls = []
 
-    def moe(sw, x, inds, scores, shared):
-        calls.append("block")
+    def moe(sw, x, inds, scores, shared, residual=None):
+        calls.append("block" if residual is None else "block + residual")
         y = (grouped_switch_glu(sw, x, inds) * scores[..., None]).sum(axis=-2).astype(x.dtype)
-        return y if shared is None else y + shared(x)
+        y = y if shared is None else y + shared(x)
+        return y if residual is None else residual + y
+
+    def add_norm(x, r, w, eps):
+        calls.append("add_norm")
+        return x + r, mx.fast.rms_norm(x + r, w, eps)
 
     def pairs(sw, x, inds):
         calls.append("pairs")
@@ -289,7 +297,7 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
 
     fake = kernels.Backend(why_not=lambda sw, x, i: None, switch_glu=pairs, moe=moe,
                            why_not_shared=lambda sw, sh: None, why_not_router=lambda g, x: "stand-in has no router",
-                           router=None)
+                           router=None, why_not_add_norm=lambda x, r, w: None, add_norm=add_norm)
     monkeypatch.setitem(kernels.BACKENDS, "stand-in", fake)
     monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
     monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
@@ -302,7 +310,14 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
         kernels.patch(glm, "stock")
         div = compare_greedy(oracle_greedy(glm, prompt, 12), got.tokens, atol=1e-4)
         assert div is None or div.near_tie, div.describe()
-        assert "block" in calls and "pairs" not in calls
+        assert "block" in calls and "pairs" not in calls and "add_norm" not in calls
+        calls.clear()
+        ids = mx.array([prompt])
+        kernels.patch(glm, "auto")
+        with kernels.joined(glm):  # the compiled step's joins: add + norm, then the block adds the residual
+            joined = glm(ids)
+        assert "add_norm" in calls and "block + residual" in calls
+        assert mx.allclose(joined, glm(ids), atol=1e-4).item()
         assert kernels.patch(qwen, "fused") == len(kernels.switch_layers(qwen))
         qwen(mx.array([prompt]))
         assert "pairs" in calls
@@ -348,7 +363,7 @@ def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dty
     from moedec.kernels.resources import resources, variants
 
     for name, (source, _) in variants(bits, d, n, 16, 4, group, getattr(mx, dtype)).items():
-        if not name.startswith("router"):
+        if name in ("gate_up", "down"):
             assert f"void {name}{path}(" in source
         report = resources(source)
         assert "Used" in report and "registers" in report, f"{name}: {report}"

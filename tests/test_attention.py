@@ -1,0 +1,139 @@
+"""GLM-4.x attention with its q/k/v projections and RoPEs joined (moedec.kernels.attention): the
+same outputs as mlx-lm's, no memory added, prefill left alone."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+
+import moedec
+from moedec import compiled, kernels
+from moedec.kernels.attention import MAX_TOKENS, QKVPlan, attention_layers, patch_attention
+from moedec.testing import tiny_moe
+
+on_gpu = kernels.device_backend() in kernels.BACKENDS
+
+
+def quantized_glm(**overrides):
+    model = tiny_moe("glm4_moe", **overrides)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    mx.eval(model.parameters())
+    return model
+
+
+def decode_logits(model, prompt, steps, feed=None):
+    """Prefill ``prompt``, then ``steps`` single-token forwards of the greedy tokens (or of ``feed``):
+    every forward's last logits."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([prompt]), cache=cache)[0, -1]]
+    for i in range(steps):
+        y = mx.argmax(out[-1]) if feed is None else mx.array(feed[i])
+        out.append(model(y.reshape(1, 1), cache=cache)[0, -1])
+    mx.eval(out)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}, {"use_qk_norm": True}, {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2}])
+def test_joined_attention_gives_mlx_lm_outputs(overrides):
+    model = quantized_glm(**overrides)
+    prompts = [[1, 2, 3], list(range(5, 5 + MAX_TOKENS + 4))]  # the long one's prefill keeps mlx-lm's call
+    ref = [decode_logits(model, p, 6) for p in prompts]
+    assert patch_attention(model, True) == len(attention_layers(model)) > 0
+    got = [decode_logits(model, p, 6) for p in prompts]
+    for r, g in zip(ref, got):
+        for a, b in zip(r, g):
+            assert mx.allclose(a, b, atol=1e-5, rtol=1e-5).item()  # the same dot products, rows side by side
+    patch_attention(model, False)
+    assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+
+
+def test_projections_keep_their_weights_and_no_memory_is_added():
+    model = quantized_glm()
+    before = {k: mx.array(v) for k, v in tree_flatten(model.parameters())}
+    nbytes = sum(v.nbytes for v in before.values())
+    patch_attention(model, True)
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    assert all(mx.array_equal(after[k], before[k]).item() for k in before)
+    assert sum(v.nbytes for v in after.values()) == nbytes  # views of the joined arrays, not copies
+    attn = attention_layers(model)[0]
+    plan = attn.__dict__["_moedec_plan"]
+    assert plan.reason is None and plan.weight.shape[0] == sum(l.weight.shape[0] for l in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
+def test_unquantized_projections_keep_mlx_lm_call():
+    model = tiny_moe("glm4_moe")
+    patch_attention(model, True)
+    assert attention_layers(model)[0].__dict__["_moedec_plan"].reason == "q/k/v projections are not quantized"
+    ref = decode_logits(tiny_moe("glm4_moe"), [1, 2, 3], 3)
+    assert all(mx.array_equal(a, b).item() for a, b in zip(ref, decode_logits(model, [1, 2, 3], 3)))
+
+
+def test_compiled_step_traces_the_joined_attention(monkeypatch):
+    """The compiled step is traced under kernels.joined(): same tokens as the plain step, the
+    projections' rows joined (views), and mlx-lm's classes back afterwards."""
+    monkeypatch.setattr(compiled, "CHUNK", 8)
+    model = quantized_glm()
+    ref = moedec.generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=False).tokens
+    projected = []
+    project = QKVPlan.project
+    monkeypatch.setattr(QKVPlan, "project", lambda plan, x: projected.append(x.shape) or project(plan, x))
+    dec = moedec.stream_generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=True)
+    got = tuple(t for c in dec for t in c.tokens)
+    assert dec.compile_reason is None and got == tuple(ref)
+    assert projected and all(shape[1] == 1 for shape in projected)  # the joined projection, traced once per layer
+    attn = attention_layers(model)[0]
+    assert attn.__dict__["_moedec_plan"].reason is None  # joined for the trace
+    assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+
+
+def test_patch_does_not_join_attention():
+    model = quantized_glm()
+    kernels.patch(model, "auto")
+    assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+    with kernels.joined(model):
+        assert all(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+    assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(mx.bfloat16, 4096), (mx.float16, 1000), (mx.float32, 256)])
+def test_add_norm_kernel_equals_add_then_rms_norm(dtype, d):
+    from moedec.kernels.fused import add_rms_norm, why_not_add_norm
+
+    x, r = (mx.random.normal((1, 3, d), key=mx.random.key(i)).astype(dtype) for i in (1, 2))
+    w = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(3))).astype(dtype)
+    assert why_not_add_norm(x, r, w) is None
+    h, n = add_rms_norm(x, r, w, 1e-5)
+    assert mx.array_equal(h, x + r).item()
+    ref = mx.fast.rms_norm(x + r, w, 1e-5)
+    tol = {mx.bfloat16: 1e-2, mx.float16: 2e-3, mx.float32: 1e-5}[dtype]  # the sum of squares in another order
+    assert mx.allclose(n, ref, rtol=tol, atol=tol).item()
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
+@pytest.mark.gpu
+def test_fused_layers_on_the_gpu_decode_like_stock():
+    """bfloat16, the synthetic GLM model's shapes at 1/8: with the fused kernels and the joined
+    attention and decoder layers (kernels.joined) a decode step's logits stay within bfloat16 noise
+    of the stock path's."""
+    from moedec.kernels.layer import decoder_layers
+    from moedec.synthetic import synthetic_glm
+
+    model = synthetic_glm(scale=0.125, num_hidden_layers=3)
+    kernels.patch(model, "stock")
+    ref = decode_logits(model, [1, 2, 3, 4], 4, feed=[9, 8, 7, 6])
+    try:
+        kernels.patch(model, "auto")
+        with kernels.joined(model):
+            assert all(hasattr(type(m), "_moedec_fused_layer") for m in decoder_layers(model))
+            assert all(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+            got = decode_logits(model, [1, 2, 3, 4], 4, feed=[9, 8, 7, 6])
+    finally:
+        kernels.patch(model, "stock")
+    for a, b in zip(ref, got):
+        scale = float(mx.abs(a.astype(mx.float32)).max())
+        assert float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()) <= 0.05 * scale + 0.05
