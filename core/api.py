@@ -67,7 +67,7 @@ def stream_generate(
     max_draft: int = 32,
     plugins: Sequence[object] = (),
     kernel: str = "auto",
-    compile_step: bool = False,
+    compile_step: Optional[bool] = None,
     **options: Any,
 ) -> Decoder:
     """A :class:`~moedec.engine.Decoder`: iterate it for :class:`~moedec.Chunk` s as each step
@@ -108,7 +108,7 @@ def generate(
     max_draft: int = 32,
     plugins: Sequence[object] = (),
     kernel: str = "auto",
-    compile_step: bool = False,
+    compile_step: Optional[bool] = None,
     **options: Any,
 ) -> Generation:
     """Generate from ``prompt`` with a decoding ``strategy``; returns a :class:`~moedec.Generation`.
@@ -124,7 +124,8 @@ def generate(
     ``kernel``: the MoE expert kernel, ``auto`` (fused where this device has it, else stock),
     ``stock`` (mlx-lm's ``SwitchGLU``) or ``fused`` (an error where unavailable).
     ``compile_step``: run the engine's plain single-token steps as one ``mx.compile`` d graph
-    (:mod:`moedec.compiled`; same results; off by default until measured faster on a GPU).
+    (:mod:`moedec.compiled`; same results). ``None`` (the default): on with MLX's CUDA backend,
+    where it measured faster, off elsewhere.
     """
     dec = stream_generate(
         model, prompt, strategy, max_tokens=max_tokens, temperature=temperature, top_p=top_p,

@@ -123,7 +123,7 @@ def run_generate(
     out=None,
     err=None,
     prompts_file: Optional[str] = None,
-    compile_step: bool = False,
+    compile_step: Optional[bool] = None,
 ) -> dict[str, Any]:
     """What ``moedec generate`` does; returns the result dict (tokens, text, stats). With
     ``prompts_file``: one JSON result a line for every prompt in it (see :mod:`moedec.batch_cli`)."""
@@ -190,7 +190,7 @@ def generate(
     stop: List[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: tokens, text, stats."),
     kernel: str = typer.Option("auto", "--kernel", help="MoE expert kernel: auto, stock or fused (CUDA)."),
-    compile_step: bool = typer.Option(False, "--compile-step", help="Run single-token steps as one mx.compile'd graph (same output; experimental)."),
+    compile_step: Optional[bool] = typer.Option(None, "--compile-step/--no-compile-step", help="Run single-token steps as one mx.compile'd graph (same output). Default: on with MLX's CUDA backend only."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="File of prompts (JSONL {\"prompt\": ...} or one a line; - for stdin): one JSON result a line."),
 ) -> None:
     """Generate text with a decoding strategy, streaming it as it is decoded."""

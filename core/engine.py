@@ -53,7 +53,7 @@ class Decoder:
         eos_token_ids: Sequence[int] = (),
         max_draft: int = 32,
         observers: Sequence[object] = (),
-        compile_step: bool = False,
+        compile_step: Optional[bool] = None,
     ):
         self.model = model
         self.compile_step = compile_step
@@ -174,12 +174,21 @@ class Decoder:
                     return False
         return True
 
+    def _compile_wanted(self) -> bool:
+        """``compile_step``, or where it is ``None`` (the default): on with MLX's CUDA backend, where
+        the compiled step measured faster than the plain one (docs/benchmarks.md), off elsewhere."""
+        if self.compile_step is not None:
+            return bool(self.compile_step)
+        from moedec.kernels import device_backend
+
+        return device_backend() == "cuda"
+
     def _pipelined(self, y: mx.array) -> Iterator[Chunk]:
         """Single-token decoding with one step in flight (see :meth:`_pipelinable`), through the
         compiled step (:mod:`moedec.compiled`) where ``compile_step`` allows it."""
         st = self.state
         steps = None
-        self.compile_reason = why_not_compiled(self.model, st.cache) if self.compile_step else "compile_step is off"
+        self.compile_reason = why_not_compiled(self.model, st.cache) if self._compile_wanted() else "compile_step is off"
         if self.compile_reason is None:
             steps = CompiledSteps(self.model, st.cache)
         try:
