@@ -14,9 +14,11 @@ On CUDA the step's attention is moedec's decode-attention kernel, which reads th
 from the offset array (MLX's fused attention takes no mask there), and the new position is written
 with a select rather than a dynamic-offset update (which costs two extra kernels per cache array).
 
-Off by default (``compile_step=True`` / ``--compile-step`` turns it on): on the CPU it measured 1.69x
-mlx-lm on a tiny float32 model whose step is all Python overhead, level with the plain step on the
-bundled model (1.01x); on an H200 with the fused MoE kernels 1.06x the plain step (docs/benchmarks.md).
+The step is traced under :func:`moedec.kernels.joined` (GLM-4.x attention and decoder layers in
+fewer kernels). On by default with MLX's CUDA backend, where it measured 1.14-1.37x the plain fused
+step on an H200; off elsewhere (``compile_step=True`` / ``--compile-step`` turns it on): on the CPU
+it measured 1.69x mlx-lm on a tiny float32 model whose step is all Python overhead, level with the
+plain step on the bundled model (1.01x) (docs/benchmarks.md).
 """
 
 from __future__ import annotations
