@@ -54,9 +54,12 @@ def synthetic_glm(seed: int = 0, scale: float = 1.0, bits: int = 4, group_size: 
             gate.weight = mx.random.normal(gate.weight.shape) * cfg["hidden_size"] ** -0.5
             gate.e_score_correction_bias = mx.zeros_like(gate.e_score_correction_bias)
         finish(layer)
-    for name in ("embed_tokens", "norm"):
-        finish(getattr(model.model, name))
-    finish(model.lm_head)
+    for m in (model.model.embed_tokens, model.model.norm, model.lm_head):
+        m.set_dtype(dtype)
+    # quantized from the parent: nn.quantize() on a bare Linear / Embedding leaves it as it is
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda path, m: path in ("model.embed_tokens", "lm_head"))
+    mx.eval([m.parameters() for m in (model.model.embed_tokens, model.model.norm, model.lm_head)])
     model.eval()
     return model
 
