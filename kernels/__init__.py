@@ -43,7 +43,7 @@ class Backend:
 
     why_not: Callable  # (switch, x, inds) -> str | None
     switch_glu: Callable  # (switch, x, inds) -> [.., K, D]
-    moe: Callable  # (switch, x, inds, scores, shared | None) -> [.., D]
+    moe: Callable  # (switch, x, inds, scores, shared | None[, residual=]) -> [.., D] (+ residual)
     why_not_shared: Callable  # (switch, shared) -> str | None
     why_not_router: Callable  # (gate, x) -> str | None
     router: Callable  # (gate, x) -> (inds, scores)
@@ -93,6 +93,8 @@ class DispatchingSwitchGLU(SwitchGLU):
         if scores is None:
             return be.switch_glu(self, x, indices) if fits else SwitchGLU.__call__(self, x, indices)
         if fits and (shared is None or be.why_not_shared(self, shared) is None):
+            if residual is None:
+                return be.moe(self, x, indices, scores, shared)
             return be.moe(self, x, indices, scores, shared, residual=residual)
         if fits:
             y = be.moe(self, x, indices, scores, None)

@@ -56,8 +56,8 @@ def qkv_plan(attn) -> QKVPlan:
     layers = attn.q_proj, attn.k_proj, attn.v_proj
     if not all(isinstance(l, nn.QuantizedLinear) for l in layers):
         return QKVPlan("q/k/v projections are not quantized")
-    spec = {(l.bits, l.group_size, l.mode, l.weight.shape[1], l.weight.dtype, l.scales.dtype,
-             tuple(sorted(k for k in l if k != "weight"))) for l in layers}
+    spec = {(l.bits, l.group_size, l.mode, l.weight.shape[1], tuple(sorted((k, v.dtype) for k, v in l.items())))
+            for l in layers}  # the same arrays of the same dtypes: joining promotes nothing
     if len(spec) != 1:
         return QKVPlan("q/k/v projections are quantized differently")
     joined = {name: _joined(layers, name) for name in ("weight", "scales", "biases", "bias")}

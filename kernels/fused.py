@@ -391,7 +391,6 @@ def _scalar(v: float) -> mx.array:
 
 
 @functools.lru_cache(maxsize=8)
-@functools.lru_cache(maxsize=8)
 def _meta(shared: bool, per_pair: bool, residual: bool = False) -> mx.array:
     """The expert kernels' flags: fuse the shared expert; write every pair's output (no combine);
     add the residual input."""
@@ -429,8 +428,8 @@ def why_not_add_norm(x: mx.array, r: mx.array, weight: mx.array) -> str | None:
     d = x.shape[-1]
     if x.shape != r.shape or x.dtype != r.dtype or x.dtype not in FLOATS or weight.shape != (d,):
         return "x and r of one float dtype and shape, a weight as wide as their rows"
-    if d % 8 or d > 32 * THREADS or weight.dtype not in FLOATS:
-        return "rows of a multiple of 8 values, at most 8192, and a float weight"
+    if d % 8 or d > 32 * THREADS or weight.dtype != x.dtype:
+        return "rows of a multiple of 8 values, at most 8192, and a weight of their dtype (else MLX's norm promotes)"
     return None
 
 

@@ -36,7 +36,12 @@ def decode_logits(model, prompt, steps, feed=None):
     return out
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}, {"use_qk_norm": True}, {"head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2}])
+@pytest.mark.parametrize("overrides", [
+    {"use_qk_norm": False},  # one RoPE over the query and key heads (the synthetic model's case)
+    {"use_qk_norm": False, "attention_bias": True, "partial_rotary_factor": 1.0},
+    {"use_qk_norm": True},  # norms between projection and RoPE: two RoPEs
+    {"use_qk_norm": True, "attention_bias": True, "head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2},
+])
 def test_joined_attention_gives_mlx_lm_outputs(overrides):
     model = quantized_glm(**overrides)
     prompts = [[1, 2, 3], list(range(5, 5 + MAX_TOKENS + 4))]  # the long one's prefill keeps mlx-lm's call
@@ -79,11 +84,12 @@ def test_unquantized_projections_keep_mlx_lm_call():
     assert all(mx.array_equal(a, b).item() for a, b in zip(ref, decode_logits(model, [1, 2, 3], 3)))
 
 
-def test_compiled_step_traces_the_joined_attention(monkeypatch):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_compiled_step_traces_the_joined_attention(monkeypatch, qk_norm):
     """The compiled step is traced under kernels.joined(): same tokens as the plain step, the
     projections' rows joined (views), and mlx-lm's classes back afterwards."""
     monkeypatch.setattr(compiled, "CHUNK", 8)
-    model = quantized_glm()
+    model = quantized_glm(use_qk_norm=qk_norm)
     ref = moedec.generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=False).tokens
     projected = []
     project = QKVPlan.project
@@ -145,3 +151,15 @@ def test_fused_layers_on_the_gpu_decode_like_stock():
     for a, b in zip(ref, got):
         scale = float(mx.abs(a.astype(mx.float32)).max())
         assert float(mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max()) <= 0.05 * scale + 0.05
+
+
+def test_add_norm_takes_only_a_weight_of_the_activations_dtype():
+    """MLX's rms_norm promotes a bf16 row with a float32 weight to float32; the kernel writes the
+    activations' dtype, so that case keeps MLX's add and norm."""
+    from moedec.kernels.fused import why_not_add_norm
+
+    x = mx.zeros((1, 1, 64), mx.bfloat16)
+    assert why_not_add_norm(x, x, mx.ones((64,), mx.bfloat16)) is None
+    assert why_not_add_norm(x, x, mx.ones((64,), mx.float32)) is not None
+    assert why_not_add_norm(x, x.astype(mx.float16), mx.ones((64,), mx.bfloat16)) is not None
+    assert why_not_add_norm(mx.zeros((1, 1, 60), mx.bfloat16), mx.zeros((1, 1, 60), mx.bfloat16), mx.ones((60,), mx.bfloat16)) is not None
