@@ -92,7 +92,7 @@ def _decode_attention(model: Any):
     if kernels.device_backend() != "cuda" or stock is None:
         yield
         return
-    from moedec.kernels.fused import decode_attention, why_not_decode_attention
+    from moedec.kernels.ops import decode_attention, why_not_decode_attention
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
         if isinstance(cache, StaticKVCache) and sinks is None and why_not_decode_attention(queries, keys) is None:

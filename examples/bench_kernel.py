@@ -42,7 +42,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 import moedec
 from moedec import kernels
 from moedec.bench import mlx_lm_decode
-from moedec.kernels import fused
+from moedec.kernels import fused, ops
 from moedec.synthetic import nbytes, synthetic_glm
 
 
@@ -67,7 +67,7 @@ def gpu_timed(fn, reps: int, spin_ms: float = 40.0) -> float:
 
     def run(calls: int) -> float:
         t = time.perf_counter()
-        mx.async_eval(fused.spin(ns))
+        mx.async_eval(ops.spin(ns))
         mx.eval([fn() for _ in range(calls)])
         mx.synchronize()
         return time.perf_counter() - t
@@ -84,7 +84,7 @@ def copy_bandwidth() -> tuple[float, float]:
     mx.eval(x)
     plus = 2 * x.nbytes / timed(lambda: x + 1, 10) / 1e9
     src = x.view(mx.uint32)
-    wide = 2 * src.nbytes / timed(lambda: fused.copy(src), 10) / 1e9 if kernels.device_backend() == "cuda" else 0.0
+    wide = 2 * src.nbytes / timed(lambda: ops.copy(src), 10) / 1e9 if kernels.device_backend() == "cuda" else 0.0
     return plus, wide
 
 

@@ -60,11 +60,11 @@ AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
 def _register_cuda() -> None:
-    from . import fused
+    from . import fused, ops
 
     BACKENDS["cuda"] = Backend(fused.why_not_fused, fused.fused_switch_glu, fused.fused_moe,
                                fused.why_not_shared, fused.why_not_router, fused.fused_router,
-                               fused.why_not_add_norm, fused.add_rms_norm)
+                               ops.why_not_add_norm, ops.add_rms_norm)
 
 
 _register_cuda()

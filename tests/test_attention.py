@@ -116,7 +116,7 @@ def test_patch_does_not_join_attention():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,d", [(mx.bfloat16, 4096), (mx.float16, 1000), (mx.float32, 256)])
 def test_add_norm_kernel_equals_add_then_rms_norm(dtype, d):
-    from moedec.kernels.fused import add_rms_norm, why_not_add_norm
+    from moedec.kernels.ops import add_rms_norm, why_not_add_norm
 
     x, r = (mx.random.normal((1, 3, d), key=mx.random.key(i)).astype(dtype) for i in (1, 2))
     w = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(3))).astype(dtype)
@@ -156,7 +156,7 @@ def test_fused_layers_on_the_gpu_decode_like_stock():
 def test_add_norm_takes_only_a_weight_of_the_activations_dtype():
     """MLX's rms_norm promotes a bf16 row with a float32 weight to float32; the kernel writes the
     activations' dtype, so that case keeps MLX's add and norm."""
-    from moedec.kernels.fused import why_not_add_norm
+    from moedec.kernels.ops import why_not_add_norm
 
     x = mx.zeros((1, 1, 64), mx.bfloat16)
     assert why_not_add_norm(x, x, mx.ones((64,), mx.bfloat16)) is None

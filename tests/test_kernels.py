@@ -376,7 +376,7 @@ def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dty
 def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv):
     """The compiled step's attention: positions 0..offset of a fixed-capacity cache, the rest
     (garbage here) ignored, as MLX's attention over exactly those positions computes it."""
-    from moedec.kernels.fused import decode_attention, why_not_decode_attention
+    from moedec.kernels.ops import decode_attention, why_not_decode_attention
 
     c = 64
     q = mx.random.normal((1, h, 1, d), key=mx.random.key(1)).astype(dtype)
@@ -389,3 +389,15 @@ def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv)
         ref = mx.fast.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=d**-0.5).astype(mx.float32)
         tol = 1e-5 if dtype == mx.float32 else 1e-2
         assert mx.allclose(got, ref, atol=tol, rtol=tol).item(), (offset, float(mx.abs(got - ref).max()))
+
+
+def test_decode_attention_eligibility():
+    """The compiled step's attention kernel takes one query position and heads of 32..256 (pure
+    Python checks; the kernel itself is checked on the GPU above)."""
+    from moedec.kernels.ops import why_not_decode_attention
+
+    q, k = mx.zeros((1, 8, 1, 128), mx.bfloat16), mx.zeros((1, 2, 64, 128), mx.bfloat16)
+    assert why_not_decode_attention(q, k) is None
+    assert why_not_decode_attention(mx.zeros((1, 8, 2, 128), mx.bfloat16), k) is not None  # two positions
+    assert why_not_decode_attention(q, k.astype(mx.float16)) is not None
+    assert why_not_decode_attention(mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16)) is not None

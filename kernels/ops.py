@@ -1,0 +1,84 @@
+"""Small CUDA ops beside the expert kernels (sources in ``cuda_source``; signatures in
+:data:`moedec.kernels.fused.SIGNATURES`).
+
+* :func:`add_rms_norm`: a residual add and the RMSNorm after it, in one kernel (a decoder layer's
+  post-attention norm, :mod:`moedec.kernels.layer`).
+* :func:`decode_attention`: one-token attention over a fixed-capacity cache whose valid length is
+  an array (the compiled step's, :mod:`moedec.compiled`).
+* :func:`copy` and :func:`spin`: for measuring copy bandwidth and GPU time (``examples/bench_kernel.py``).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .fused import FLOATS, THREADS, _kernel, _scalar
+
+
+# -- residual add + RMSNorm ------------------------------------------------------------------------
+
+
+def why_not_add_norm(x: mx.array, r: mx.array, weight: mx.array) -> str | None:
+    """``None`` if :func:`add_rms_norm` can take these arrays, else why not."""
+    d = x.shape[-1]
+    if x.shape != r.shape or x.dtype != r.dtype or x.dtype not in FLOATS or weight.shape != (d,):
+        return "x and r of one float dtype and shape, a weight as wide as their rows"
+    if d % 8 or d > 32 * THREADS or weight.dtype != x.dtype:
+        return "rows of a multiple of 8 values, at most 8192, and a weight of their dtype (else MLX's norm promotes)"
+    return None
+
+
+def add_rms_norm(x: mx.array, r: mx.array, weight: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+    """``(h, n)`` with ``h = x + r`` and ``n = mx.fast.rms_norm(h, weight, eps)``, in one kernel
+    (check :func:`why_not_add_norm` first)."""
+    d = x.shape[-1]
+    h, n = _kernel("add_norm")(
+        inputs=[x, r, weight, _scalar(float(eps))], template=[("X", x.dtype), ("D", d)],
+        grid=(x.size // d * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[x.shape, x.shape], output_dtypes=[x.dtype, x.dtype],
+    )  # one block per row
+    return h, n
+
+
+# -- decode attention -------------------------------------------------------------------------------
+
+
+def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
+    """``None`` if :func:`decode_attention` can attend these one-token queries over ``keys``."""
+    b, h, n, d = queries.shape
+    if n != 1 or queries.dtype not in FLOATS or keys.dtype != queries.dtype:
+        return "one query position, float queries and keys of one dtype"
+    if d % 32 or d > 256 or keys.shape[3] != d or keys.shape[0] != b or h % keys.shape[1]:
+        return "head size a multiple of 32 up to 256, whole query heads per key/value head"
+    return None
+
+
+def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
+    """Softmax attention of ``queries [B, H, 1, D]`` over positions ``0..offset`` of ``keys`` /
+    ``values [B, Hkv, C, D]`` (``offset``: a 0-d int32 array, so the length can change without a new
+    graph); check :func:`why_not_decode_attention` first."""
+    b, h, _, d = queries.shape
+    (o,) = _kernel("attention")(
+        inputs=[queries, keys, values, offset, _scalar(float(scale))],
+        template=[("X", queries.dtype), ("D", d), ("H", h), ("HKV", keys.shape[1])],
+        grid=(b * h * 128, 1, 1), threadgroup=(128, 1, 1),
+        output_shapes=[queries.shape], output_dtypes=[queries.dtype],
+    )
+    return o
+
+
+def copy(src: mx.array) -> mx.array:
+    """A uint4-wide device copy of a uint32 array (for measuring copy bandwidth)."""
+    n = src.size // 4
+    (dst,) = _kernel("copy")(
+        inputs=[src], template=[], grid=(min(n, 132 * 2048 * 4) // THREADS * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1), output_shapes=[src.shape], output_dtypes=[src.dtype],
+    )
+    return dst
+
+
+def spin(ns: int) -> mx.array:
+    """One GPU thread busy for ``ns`` nanoseconds (for timing the GPU work queued behind it)."""
+    (out,) = _kernel("spin")(inputs=[mx.array([ns], mx.int64)], template=[], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                             output_shapes=[(1,)], output_dtypes=[mx.float32])
+    return out
