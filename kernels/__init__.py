@@ -33,6 +33,7 @@ from moedec.errors import MoedecError
 
 from .attention import patch_attention
 from .layer import patch_layers
+from .patching import patched_class, set_call
 
 KERNELS = ("auto", "stock", "fused")
 
@@ -120,11 +121,8 @@ def _moe_call(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.arra
     return self.switch_mlp(x, inds, scores=scores, shared=shared, residual=residual)
 
 
-@functools.lru_cache(maxsize=None)
 def _fused_block_class(cls: type) -> type:
-    return type(cls.__name__, (cls,), {"__call__": _moe_call, "_moedec_stock_call": cls.__call__,
-                                       "_moedec_fused_block": True, "moedec_backend": None,
-                                       "__module__": cls.__module__})
+    return patched_class(cls, _moe_call, "_moedec_fused_block")
 
 
 @functools.lru_cache(maxsize=None)
@@ -182,15 +180,7 @@ def patch(model, kernel: str = "auto") -> int:
             m.moedec_backend = target
             fused += 1
     for b in blocks:
-        fused_block = getattr(type(b), "_moedec_fused_block", False)
-        if use is None:
-            if fused_block:
-                b.__class__ = type(b).__mro__[1]
-                b.__dict__.pop("moedec_backend", None)
-        else:
-            if not fused_block:
-                b.__class__ = _fused_block_class(type(b))
-            b.moedec_backend = use
+        set_call(b, _moe_call, "_moedec_fused_block", use is not None, use)
     return fused
 
 

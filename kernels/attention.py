@@ -16,7 +16,6 @@ quantized alike keep mlx-lm's call.
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Optional
 
 import attrs
@@ -24,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .fused import _plan
+from .patching import set_call
 
 MAX_TOKENS = 16
 
@@ -99,13 +99,6 @@ def _attention_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=No
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_class(cls: type) -> type:
-    return type(cls.__name__, (cls,), {"__call__": _attention_call, "_moedec_stock_call": cls.__call__,
-                                       "_moedec_fused_attention": True, "__module__": cls.__module__,
-                                       "_moedec_module": importlib.import_module(cls.__module__)})
-
-
-@functools.lru_cache(maxsize=None)
 def attention_classes() -> tuple[type, ...]:
     from mlx_lm.models import glm4_moe
 
@@ -121,12 +114,8 @@ def patch_attention(model, on: bool) -> int:
     give them mlx-lm's call back; returns how many layers are joined."""
     n = 0
     for m in attention_layers(model):
-        fused = getattr(type(m), "_moedec_fused_attention", False)
-        if on and not fused:
-            m.__class__ = _fused_class(type(m))
+        set_call(m, _attention_call, "_moedec_fused_attention", on)
         if on:  # joined now, not on a first call that may be under mx.compile
             _plan(m, qkv_plan)
-        elif not on and fused:
-            m.__class__ = type(m).__mro__[1]
         n += on
     return n

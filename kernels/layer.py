@@ -17,6 +17,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .attention import MAX_TOKENS
+from .patching import set_call
 
 
 def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) -> mx.array:
@@ -38,13 +39,6 @@ def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) 
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_class(cls: type) -> type:
-    return type(cls.__name__, (cls,), {"__call__": _layer_call, "_moedec_stock_call": cls.__call__,
-                                       "_moedec_fused_layer": True, "moedec_backend": None,
-                                       "__module__": cls.__module__})
-
-
-@functools.lru_cache(maxsize=None)
 def layer_classes() -> tuple[type, ...]:
     from mlx_lm.models import glm4_moe
 
@@ -58,16 +52,7 @@ def decoder_layers(model) -> list:
 def patch_layers(model, backend: Optional[str]) -> int:
     """Give ``model``'s GLM-4.x decoder layers the joined call on ``backend``, or (``None``) mlx-lm's
     call back; returns how many layers use the joined call."""
-    n = 0
-    for m in decoder_layers(model):
-        fused = getattr(type(m), "_moedec_fused_layer", False)
-        if backend is None:
-            if fused:
-                m.__class__ = type(m).__mro__[1]
-                m.__dict__.pop("moedec_backend", None)
-            continue
-        if not fused:
-            m.__class__ = _fused_class(type(m))
-        m.moedec_backend = backend
-        n += 1
-    return n
+    layers = decoder_layers(model)
+    for m in layers:
+        set_call(m, _layer_call, "_moedec_fused_layer", backend is not None, backend)
+    return len(layers) if backend is not None else 0
