@@ -189,10 +189,12 @@ GATE_UP_MMA = r"""
   moedec::build_slots(inds, P, K, wg_shape[0], s);
   const int tiles = NOUT / 8, items = (s.n + meta[0]) * tiles;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-  const int stride = gridDim.x * moedec::WARPS, first = blockIdx.x * moedec::WARPS + warp;
+  // warp w of block b takes items w * blocks + b, then every total-warps-th: the items spread over
+  // all blocks (so over all SMs) before any block's warps take a second round
+  const int stride = gridDim.x * moedec::WARPS, first = warp * gridDim.x + blockIdx.x;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
 
-  auto queue = [&](int k, St& st) {
+  auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice k % SLICES of its (k / SLICES)-th item
     const int it = first + (k / SLICES) * stride;
     if (it < items) {
       const int slot = it / tiles, n0 = (it % tiles) * 8;
@@ -221,11 +223,8 @@ GATE_UP_MMA = r"""
   __syncthreads();
 
   float acc[2][4];
-  for (int k = 0, it = first; it < items; ++k) {
-    queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
-    moedec::cp_wait<STAGES - 1>();
-    __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
-    const int sl = k % SLICES, slot = it / tiles, n0 = (it % tiles) * 8;
+  for (int it = first, k = 0; it < items; it += stride) {
+    const int slot = it / tiles, n0 = (it % tiles) * 8;
     const bool shared = slot == s.n;
     const int cnt = shared ? T : s.cnt[slot];
     const int* list = s.list + (shared ? 0 : s.start[slot]);
@@ -241,23 +240,26 @@ GATE_UP_MMA = r"""
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sx[nt][h] = s_sx + max(token(nt * 8 + 2 * c + h), 0) * GROUPS;
-    moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);
-    if (sl == SLICES - 1) {  // rows g: gate n0 + g, g + 8: up n0 + g; columns 2c, 2c + 1
+    for (int sl = 0; sl < SLICES; ++sl, ++k) {
+      queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
+      moedec::cp_wait<STAGES - 1>();
+      __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
+      moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);
+      __syncwarp();  // every lane is done with this stage before it is queued again
+    }
+    // rows g: gate n0 + g, g + 8: up n0 + g; columns 2c, 2c + 1
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = nt * 8 + 2 * c + h;
-          if (j < cnt) {
-            const int pair = shared ? P + j : list[j];
-            const float gv = acc[nt][h], uv = acc[nt][2 + h];
-            act[(size_t)pair * NOUT + n0 + g] = (X)(__fdividef(gv, 1.f + __expf(-gv)) * uv);
-          }
+      for (int h = 0; h < 2; ++h) {
+        const int j = nt * 8 + 2 * c + h;
+        if (j < cnt) {
+          const int pair = shared ? P + j : list[j];
+          const float gv = acc[nt][h], uv = acc[nt][2 + h];
+          act[(size_t)pair * NOUT + n0 + g] = (X)(__fdividef(gv, 1.f + __expf(-gv)) * uv);
         }
       }
-      it += stride;
     }
-    __syncwarp();  // every lane is done with this stage before it is queued again
   }
   moedec::cp_wait<0>();
 """
@@ -298,11 +300,8 @@ DOWN_MMA = r"""
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   float acc[2][4];
-  for (int k = 0, it = warp; it < items; ++k) {
-    queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
-    moedec::cp_wait<STAGES - 1>();
-    __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
-    const int sl = k % SLICES, u = it / RG, r0 = (it % RG) * 16;
+  for (int it = warp, k = 0; it < items; it += moedec::WARPS) {
+    const int u = it / RG, r0 = (it % RG) * 16;
     const bool shared = u == s.n;
     const int cnt = shared ? T : s.cnt[u];
     const int* list = s.list + (shared ? 0 : s.start[u]);
@@ -314,22 +313,25 @@ DOWN_MMA = r"""
       xr[nt] = act + (size_t)(p < 0 ? row_of(0) : p) * DIN;
     }
     const float* const none[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
-    moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);
-    if (sl == SLICES - 1) {  // rows r0 + g, r0 + g + 8 of the block; columns 2c, 2c + 1
+    for (int sl = 0; sl < SLICES; ++sl, ++k) {
+      queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
+      moedec::cp_wait<STAGES - 1>();
+      __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
+      moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);
+      __syncwarp();
+    }
+    // rows r0 + g, r0 + g + 8 of the block; columns 2c, 2c + 1
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int p = row_of(nt * 8 + 2 * c + h);
-          if (p >= 0) {
-            s_val[p * ROWS + r0 + g] = acc[nt][h];
-            s_val[p * ROWS + r0 + g + 8] = acc[nt][2 + h];
-          }
+      for (int h = 0; h < 2; ++h) {
+        const int p = row_of(nt * 8 + 2 * c + h);
+        if (p >= 0) {
+          s_val[p * ROWS + r0 + g] = acc[nt][h];
+          s_val[p * ROWS + r0 + g + 8] = acc[nt][2 + h];
         }
       }
-      it += moedec::WARPS;
     }
-    __syncwarp();
   }
   moedec::cp_wait<0>();
   __syncthreads();
