@@ -132,7 +132,9 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
       if ((ch + 1) % BPG == 0) {  // the group closes: fold it in
         const int gl = ch / BPG, gg = sl * (KS / GROUP) + gl;
         const float s0 = to_f(st.sc[g][gl]), s1 = to_f(st.sc[g + 8][gl]);
-        const float c0 = to_f(st.bi[g][gl]) - M::OFFSET * s0, c1 = to_f(st.bi[g + 8][gl]) - M::OFFSET * s1;
+        // c * sum x, with sum x from the table, or as the all-OFFSET MMA's OFFSET * sum x (c scaled by 1 / OFFSET)
+        constexpr float CX = TABLE ? 1.f : 1.f / M::OFFSET;
+        const float c0 = (to_f(st.bi[g][gl]) - M::OFFSET * s0) * CX, c1 = (to_f(st.bi[g + 8][gl]) - M::OFFSET * s1) * CX;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           float x0, x1;  // sum x of the group for tokens 2c, 2c + 1
@@ -140,30 +142,23 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
             x0 = sx[nt][0][gg];
             x1 = sx[nt][1][gg];
           } else {
-            x0 = (e[nt][0][0] + e[nt][1][0]) * (1.f / M::OFFSET);
-            x1 = (e[nt][0][1] + e[nt][1][1]) * (1.f / M::OFFSET);
+            x0 = e[nt][0][0] + e[nt][1][0];
+            x1 = e[nt][0][1] + e[nt][1][1];
           }
-          acc[nt][0] += s0 * (d[nt][0][0] + d[nt][1][0]) + c0 * x0;
-          acc[nt][1] += s0 * (d[nt][0][1] + d[nt][1][1]) + c0 * x1;
-          acc[nt][2] += s1 * (d[nt][0][2] + d[nt][1][2]) + c1 * x0;
-          acc[nt][3] += s1 * (d[nt][0][3] + d[nt][1][3]) + c1 * x1;
+          acc[nt][0] = fmaf(c0, x0, fmaf(s0, d[nt][0][0] + d[nt][1][0], acc[nt][0]));
+          acc[nt][1] = fmaf(c0, x1, fmaf(s0, d[nt][0][1] + d[nt][1][1], acc[nt][1]));
+          acc[nt][2] = fmaf(c1, x0, fmaf(s1, d[nt][0][2] + d[nt][1][2], acc[nt][2]));
+          acc[nt][3] = fmaf(c1, x1, fmaf(s1, d[nt][0][3] + d[nt][1][3], acc[nt][3]));
         }
       }
     }
   }
 }
 
-// One slice of a warp item for its cnt tokens (one n-tile up to 8, two up to 16): acc starts from
-// zero at the item's first slice.
+// One slice of a warp item for its cnt tokens (one n-tile up to 8, two up to 16), added into acc.
 template <int KS, int GROUP, bool TABLE, typename X, typename S>
 __device__ __forceinline__ void item_slice(const MStage<KS, S>& st, int sl, int cnt, const X* const (&xr)[2],
                                            const float* const (&sx)[2][2], float (&acc)[2][4]) {
-  if (sl == 0) {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
-  }
   if (cnt > 8)
     slice_mma<KS, GROUP, 2, TABLE, X, S>(st, sl, xr, sx, acc);
   else
@@ -209,20 +204,24 @@ GATE_UP_MMA = r"""
 
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  for (int i = threadIdx.x; i < T * GROUPS; i += moedec::THREADS) {  // the sum-x table, in input order
-    const X* xp = x + (size_t)(i / GROUPS) * DIN + (i % GROUPS) * GROUP;
+  // the sum-x table: 8 inputs per thread, then a sum over the PARTS lanes of a group (token-independent order)
+  constexpr int PARTS = GROUP / 8;
+  static_assert(PARTS <= 32 && moedec::THREADS % PARTS == 0, "a group's parts within one warp");
+  for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += moedec::THREADS) {
+    const int i = i0 + threadIdx.x;
     float v = 0.f;
-    for (int j = 0; j < GROUP; j += 8) {
+    if (i < T * GROUPS * PARTS) {
       float f[8];
-      moedec::load8(xp + j, f);
+      moedec::load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);  // token i / (GROUPS PARTS): row-major
 #pragma unroll
       for (int q = 0; q < 8; ++q) v += f[q];
     }
-    s_sx[i] = v;
+#pragma unroll
+    for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(moedec::FULL, v, o);
+    if (i < T * GROUPS * PARTS && i % PARTS == 0) s_sx[i / PARTS] = v;
   }
   __syncthreads();
 
-  float acc[2][4];
   for (int it = first, k = 0; it < items; it += stride) {
     const int slot = it / tiles, n0 = (it % tiles) * 8;
     const bool shared = slot == s.n;
@@ -240,6 +239,7 @@ GATE_UP_MMA = r"""
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) sx[nt][h] = s_sx + max(token(nt * 8 + 2 * c + h), 0) * GROUPS;
+    float acc[2][4] = {};
     for (int sl = 0; sl < SLICES; ++sl, ++k) {
       queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
       moedec::cp_wait<STAGES - 1>();
@@ -266,9 +266,12 @@ GATE_UP_MMA = r"""
 
 DOWN_MMA = r"""
   __shared__ moedec::Slots s;
-  __shared__ float s_val[(moedec::MAXP + 16) * ROWS];  // (pair, or P + token for the shared expert; row)
+  // An item is 16 rows of one slot over one KH-th of the inputs (SH slices): with top-8 and a shared
+  // expert, 9 whole-row items would leave one warp of 8 a second round at T=1. The KH partial dots are
+  // added in a fixed order at the end, whatever the number of tokens.
+  constexpr int SLICES = DIN / KS, WORDS = DIN / 8, RG = ROWS / 16, KH = SLICES % 2 == 0 ? 2 : 1, SH = SLICES / KH;
+  __shared__ float s_val[KH][(moedec::MAXP + 16) * ROWS];  // [part][(pair, or P + token for the shared expert; row)]
   extern __shared__ __align__(16) unsigned char ring_bytes[];
-  constexpr int SLICES = DIN / KS, WORDS = DIN / 8, RG = ROWS / 16;
   using St = moedec::MStage<KS, S>;
   constexpr int GROUPS = DIN / GROUP;
   const int K = inds_shape[inds_ndim - 1];
@@ -279,29 +282,28 @@ DOWN_MMA = r"""
   const bool SHARED = meta[0] != 0, PER_PAIR = meta[1] != 0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const int d0 = blockIdx.x * ROWS;
-  const int items = (s.n + (SHARED ? 1 : 0)) * RG;
+  const int items = (s.n + (SHARED ? 1 : 0)) * RG * KH;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
 
   auto queue = [&](int k, St& st) {
-    const int it = warp + (k / SLICES) * moedec::WARPS;
+    const int it = warp + (k / SH) * moedec::WARPS;
     if (it < items) {
-      const int u = it / RG, r0 = (it % RG) * 16;
+      const int u = it / (RG * KH), r0 = (it / KH % RG) * 16;
       const bool shared = u == s.n;
       const size_t row = (shared ? 0 : (size_t)s.expert[u] * NOUT) + d0 + r0;  // 16 consecutive rows
       const uint32_t* w = (shared ? hd : wd) + row * WORDS;
       const S* sc = (shared ? hsd : sd) + row * GROUPS;
       const S* bi = (shared ? hbd : bd) + row * GROUPS;
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(st, w, w + 8 * WORDS, sc, sc + 8 * GROUPS, bi, bi + 8 * GROUPS,
-                                                       k % SLICES);
+                                                       it % KH * SH + k % SH);
     }
     moedec::cp_commit();
   };
 
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  float acc[2][4];
   for (int it = warp, k = 0; it < items; it += moedec::WARPS) {
-    const int u = it / RG, r0 = (it % RG) * 16;
+    const int u = it / (RG * KH), r0 = (it / KH % RG) * 16, part = it % KH;
     const bool shared = u == s.n;
     const int cnt = shared ? T : s.cnt[u];
     const int* list = s.list + (shared ? 0 : s.start[u]);
@@ -313,7 +315,8 @@ DOWN_MMA = r"""
       xr[nt] = act + (size_t)(p < 0 ? row_of(0) : p) * DIN;
     }
     const float* const none[2][2] = {{nullptr, nullptr}, {nullptr, nullptr}};
-    for (int sl = 0; sl < SLICES; ++sl, ++k) {
+    float acc[2][4] = {};
+    for (int sl = part * SH; sl < (part + 1) * SH; ++sl, ++k) {
       queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
       moedec::cp_wait<STAGES - 1>();
       __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
@@ -327,13 +330,17 @@ DOWN_MMA = r"""
       for (int h = 0; h < 2; ++h) {
         const int p = row_of(nt * 8 + 2 * c + h);
         if (p >= 0) {
-          s_val[p * ROWS + r0 + g] = acc[nt][h];
-          s_val[p * ROWS + r0 + g + 8] = acc[nt][2 + h];
+          s_val[part][p * ROWS + r0 + g] = acc[nt][h];
+          s_val[part][p * ROWS + r0 + g + 8] = acc[nt][2 + h];
         }
       }
     }
   }
   moedec::cp_wait<0>();
   __syncthreads();
-  moedec::write_rows<X>(s_val, scores, meta[2] ? res : nullptr, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
+  if (KH == 2) {  // a row's dot: part 0 + part 1 (rows of no pair hold garbage, never read)
+    for (int i = threadIdx.x; i < (P + T) * ROWS; i += moedec::THREADS) s_val[0][i] += s_val[KH - 1][i];
+    __syncthreads();
+  }
+  moedec::write_rows<X>(s_val[0], scores, meta[2] ? res : nullptr, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
 """
