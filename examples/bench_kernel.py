@@ -79,12 +79,16 @@ def gpu_timed(fn, reps: int, spin_ms: float = 40.0) -> float:
 
 
 def copy_bandwidth() -> tuple[float, float]:
-    """(read + write) GB/s of MLX's ``x + 1`` on 1 GiB of bf16, and of a uint4 copy kernel."""
+    """(read + write) GB/s of MLX's ``x + 1`` on 1 GiB of bf16, and of a uint4 copy kernel (the best of
+    three grid sizes), GPU time (the host's share excluded)."""
     x = mx.random.normal((512 * 1024 * 1024,)).astype(mx.bfloat16)
     mx.eval(x)
-    plus = 2 * x.nbytes / timed(lambda: x + 1, 10) / 1e9
+    plus = 2 * x.nbytes / gpu_timed(lambda: x + 1, 4, spin_ms=20.0) / 1e9
     src = x.view(mx.uint32)
-    wide = 2 * src.nbytes / timed(lambda: ops.copy(src), 10) / 1e9 if kernels.device_backend() == "cuda" else 0.0
+    wide = 0.0
+    if kernels.device_backend() == "cuda":
+        for blocks in (None, 132 * 8, 132 * 4):
+            wide = max(wide, 2 * src.nbytes / gpu_timed(lambda: ops.copy(src, blocks), 4, spin_ms=20.0) / 1e9)
     return plus, wide
 
 

@@ -67,11 +67,13 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     return o
 
 
-def copy(src: mx.array) -> mx.array:
-    """A uint4-wide device copy of a uint32 array (for measuring copy bandwidth)."""
+def copy(src: mx.array, blocks: int | None = None) -> mx.array:
+    """A uint4-wide device copy of a uint32 array (for measuring copy bandwidth): ``blocks`` blocks
+    of THREADS threads stride over it (default: up to 4 full SMs' worth per SM of a 132-SM GPU)."""
     n = src.size // 4
+    threads = min(n, 132 * 2048 * 4) // THREADS * THREADS if blocks is None else blocks * THREADS
     (dst,) = _kernel("copy")(
-        inputs=[src], template=[], grid=(min(n, 132 * 2048 * 4) // THREADS * THREADS, 1, 1),
+        inputs=[src], template=[], grid=(threads, 1, 1),
         threadgroup=(THREADS, 1, 1), output_shapes=[src.shape], output_dtypes=[src.dtype],
     )
     return dst
