@@ -55,8 +55,8 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 #: Backends that ``auto`` picks for the MoE blocks of :func:`moe_blocks`: measured faster than stock
-#: end to end (H200, 2026-11-26: 403.9 vs 327.8 tok/s with the stock kernels on the plain step, 543.9
-#: with the compiled step; docs/benchmarks.md).
+#: end to end (H200, 2026-11-26, session 5: 581.5 vs 431.0 tok/s with the stock kernels on the plain
+#: step, 630.4 with the compiled step; docs/benchmarks.md).
 AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
