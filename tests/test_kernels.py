@@ -401,3 +401,20 @@ def test_decode_attention_eligibility():
     assert why_not_decode_attention(mx.zeros((1, 8, 2, 128), mx.bfloat16), k) is not None  # two positions
     assert why_not_decode_attention(q, k.astype(mx.float16)) is not None
     assert why_not_decode_attention(mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16)) is not None
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+def test_kernel_harness_builds(tmp_path):
+    """examples/kernel_harness/build.py turns the working tree's tensor-core kernels into a standalone
+    CUDA-event timer (what docs/benchmarks.md's kernel-by-kernel table ran)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "kernel_harness" / "build.py"
+    run = subprocess.run([sys.executable, str(script), "-o", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "work (working tree): Used" in run.stdout
+    source = (tmp_path / "work.cu").read_text()
+    assert "work_gate_up_mma(" in source and "work_down_mma(" in source
+    assert (tmp_path / "harness").stat().st_size > 0

@@ -1,0 +1,131 @@
+"""Build a standalone CUDA-event timer of moedec's tensor-core expert kernels (no MLX on the GPU host).
+
+Each variant is the kernel sources of ``moedec.kernels.tensor_cores`` at a git revision (or the
+working tree) compiled the way MLX's ``cuda_kernel`` would (:func:`moedec.kernels.resources.kernel_source`)
+with nvcc for sm_90a, plus a launcher; ``main.cu`` times gate/up, down and both, back to back, for
+T = 1, 2, 4, 8, 16, against cudaMemcpy's and a copy kernel's bandwidth, side by side in one run.
+
+    python examples/kernel_harness/build.py [--rev HEAD~1 ...] [-o DIR]   # nvcc here
+    DIR/harness 200 1                                                       # on the GPU host
+
+Variants: ``work`` (the working tree) and one per ``--rev``. The binary links the CUDA runtime
+statically, so the GPU host needs only a driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import mlx.core as mx
+
+from moedec.kernels import fused, resources, tensor_cores
+
+HERE = Path(__file__).resolve().parent
+D, N, BITS, GROUP = 4096, 1536, 4, 64
+DTYPES = {**dict.fromkeys(["x", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd", "y", "act",
+                           "res"], "bfloat16"), "inds": "int32", "meta": "int32", "scores": "float32"}
+SHAPES = {  # C++ expressions over Args a, for the inputs whose shapes a kernel reads
+    "x": ["1", "a.T", "a.D"], "inds": ["1", "a.T", "a.K"], "scores": ["1", "a.T", "a.K"], "meta": ["3"],
+    "wg": ["a.E", "a.N", "a.D*a.bits/32"], "act": ["a.P+a.T", "a.N"], "wd": ["a.E", "a.D", "a.N*a.bits/32"],
+    "res": ["1", "a.T", "a.D"],
+}
+
+
+def sources_at(rev: str | None) -> types.SimpleNamespace:
+    """GATE_UP_MMA, DOWN_MMA and TENSOR_CORES of kernels/tensor_cores.py at ``rev`` (None: the working tree)."""
+    if rev is None:
+        return types.SimpleNamespace(**{k: getattr(tensor_cores, k) for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
+    root = Path(tensor_cores.__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/tensor_cores.py"], capture_output=True,
+                         text=True, check=True).stdout
+    ns: dict = {}
+    exec(compile(src, f"{rev}:tensor_cores.py", "exec"), ns)
+    return types.SimpleNamespace(**{k: ns[k] for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
+
+
+def kernel_tu(name: str, prefix: str, template: list) -> tuple[str, list[str]]:
+    """The kernel's translation unit, renamed ``prefix_name``, and its call arguments from Args a."""
+    tu = resources.kernel_source(name, template, DTYPES).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
+    at = tu.index(f"{prefix}_{name}(") + len(f"{prefix}_{name}(")
+    args = []
+    for p in [q.strip() for q in tu[at:tu.index(") {\n", at)].split(",\n")]:
+        pname = p.split()[-1]
+        if pname.endswith("_shape"):
+            args.append("shp({" + ", ".join(SHAPES[pname[:-6]]) + "})")
+        elif pname.endswith("_ndim"):
+            args.append(str(len(SHAPES[pname[:-5]])))
+        elif pname.endswith("_strides"):
+            raise SystemExit(f"{name}: strided inputs are not supported here")
+        else:
+            ctype = p.split("*")[0].replace("const", "").strip()
+            args.append(f"({'const ' if 'const' in p else ''}{ctype}*)a.{pname}")
+    return tu, args
+
+
+def variant(prefix: str, rev: str | None) -> str:
+    """One variant's .cu: both kernels of ``rev``'s sources and their launchers."""
+    src, now = sources_at(rev), sources_at(None)
+    saved = dict(fused.SIGNATURES)
+    try:
+        for name, body in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
+            i, o, _, head = fused.SIGNATURES[name]
+            fused.SIGNATURES[name] = (i, o, body, head.replace(now.TENSOR_CORES, src.TENSOR_CORES))
+        ek = fused.expert_kernels(mx.bfloat16, mx.bfloat16, BITS, D, N, GROUP)
+        if ek.gate_up_name != "gate_up_mma":
+            raise SystemExit("these shapes do not take the tensor-core kernels")
+        tu1, a1 = kernel_tu(ek.gate_up_name, prefix, ek.gate_up)
+        tu2, a2 = kernel_tu(ek.down_name, prefix, ek.down)
+    finally:
+        fused.SIGNATURES.clear()
+        fused.SIGNATURES.update(saved)
+    gu, dn = f"mlx::core::cu::{prefix}_{ek.gate_up_name}", f"mlx::core::cu::{prefix}_{ek.down_name}"
+
+    def launcher(kind: str, fn: str, smem: int, blocks: str, args: list[str]) -> str:
+        return (f'extern "C" void {prefix}_{kind}(const Args& a, cudaStream_t st) {{\n'
+                f"  static bool init = false;\n"
+                f"  if (!init) {{ cudaFuncSetAttribute({fn}, cudaFuncAttributeMaxDynamicSharedMemorySize, {smem}); init = true; }}\n"
+                f"  {fn}<<<{blocks}, {fused.THREADS}, {smem}, st>>>({', '.join(args)});\n}}\n")
+
+    return (tu1 + "\n" + tu2[tu2.index("namespace mlx::core::cu {\n__global__"):] + '\n#include "args.h"\n'
+            "static mlx::core::cu::Shape shp(std::initializer_list<int> v) { mlx::core::cu::Shape s{}; int i = 0; "
+            "for (int x : v) s[i++] = x; return s; }\n"
+            + launcher("gate_up", gu, ek.gate_up_smem, str(fused.GATE_UP_BLOCKS), a1)
+            + launcher("down", dn, ek.down_smem, f"(a.D + {fused.ROWS - 1}) / {fused.ROWS}", a2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rev", action="append", default=[], help="a git revision to compare with the working tree")
+    ap.add_argument("-o", "--out", default=str(HERE / "bin"))
+    opts = ap.parse_args()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {f"r{i}": rev for i, rev in enumerate(opts.rev)} | {"work": None}
+    objs = []
+    for name, rev in names.items():
+        cu = out / f"{name}.cu"
+        cu.write_text(variant(name, rev))
+        objs.append((name, cu, out / f"{name}.o"))
+    procs = [subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-c", str(cu), "-o", str(obj),
+                               "-Xptxas", "-v"], stderr=subprocess.PIPE, text=True) for _, cu, obj in objs]
+    for (name, _, _), p in zip(objs, procs):
+        err = p.communicate()[1]
+        if p.returncode:
+            sys.exit(f"{name}: nvcc failed\n{err[-3000:]}")
+        usage = [l.split("ptxas info    : ")[-1] for l in err.splitlines() if "Used" in l]
+        print(f"{name} ({names[name] or 'working tree'}): {'; '.join(usage)}")
+    decls = "\n".join(f'extern "C" void {n}_gate_up(const Args&, cudaStream_t); extern "C" void {n}_down(const Args&, cudaStream_t);'
+                      for n, _, _ in objs)
+    table = ",\n".join(f'  {{"{n}", {n}_gate_up, {n}_down}}' for n, _, _ in objs)
+    (out / "variants.inc").write_text(f"{decls}\nstatic Variant VARIANTS[] = {{\n{table}\n}};\n")
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-I", str(out), str(HERE / "main.cu"),
+                    *[str(o) for _, _, o in objs], "-o", str(out / "harness")], check=True)
+    print("built", out / "harness")
+
+
+if __name__ == "__main__":
+    main()
