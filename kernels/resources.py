@@ -62,15 +62,22 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
             + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
 
 
+def kernel_dtypes(x_dtype=mx.bfloat16) -> dict[str, str]:
+    """The dtype of each named kernel input and output (weights: uint32, the default of
+    :func:`kernel_source`) for ``x_dtype`` activations and bf16 scales."""
+    xt = str(x_dtype).rsplit(".", 1)[-1]
+    halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
+                           "bfloat16")
+    return {**halves, **dict.fromkeys(["x", "act", "y", "res", "r", "h", "n"], xt), "inds": "int32", "meta": "int32",
+            "rsf": "float32", "scores": "float32", "logits": "float32"}
+
+
 def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 64,
              x_dtype=mx.bfloat16) -> dict[str, tuple[str, int]]:
     """Each kernel's (source, dynamic shared memory) for ``x_dtype`` activations, bf16 scales,
     ``bits``-bit experts ``d -> n`` in groups of ``group``."""
     xt = str(x_dtype).rsplit(".", 1)[-1]
-    halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
-                           "bfloat16")
-    dtypes = {**halves, **dict.fromkeys(["x", "act", "y", "res", "r", "h", "n"], xt), "inds": "int32", "meta": "int32", "rsf": "float32",
-              "scores": "float32", "logits": "float32"}
+    dtypes = kernel_dtypes(x_dtype)
     bf16 = mx.bfloat16
     ek = fused.expert_kernels(x_dtype, bf16, bits, d, n, group)
     return {

@@ -26,8 +26,6 @@ from moedec.kernels import fused, resources, tensor_cores
 
 HERE = Path(__file__).resolve().parent
 D, N, BITS, GROUP = 4096, 1536, 4, 64
-DTYPES = {**dict.fromkeys(["x", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd", "y", "act",
-                           "res"], "bfloat16"), "inds": "int32", "meta": "int32", "scores": "float32"}
 SHAPES = {  # C++ expressions over Args a, for the inputs whose shapes a kernel reads
     "x": ["1", "a.T", "a.D"], "inds": ["1", "a.T", "a.K"], "scores": ["1", "a.T", "a.K"], "meta": ["3"],
     "wg": ["a.E", "a.N", "a.D*a.bits/32"], "act": ["a.P+a.T", "a.N"], "wd": ["a.E", "a.D", "a.N*a.bits/32"],
@@ -49,7 +47,7 @@ def sources_at(rev: str | None) -> types.SimpleNamespace:
 
 def kernel_tu(name: str, prefix: str, template: list) -> tuple[str, list[str]]:
     """The kernel's translation unit, renamed ``prefix_name``, and its call arguments from Args a."""
-    tu = resources.kernel_source(name, template, DTYPES).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
+    tu = resources.kernel_source(name, template, resources.kernel_dtypes(mx.bfloat16)).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
     at = tu.index(f"{prefix}_{name}(") + len(f"{prefix}_{name}(")
     args = []
     for p in [q.strip() for q in tu[at:tu.index(") {\n", at)].split(",\n")]:
