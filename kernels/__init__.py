@@ -11,8 +11,9 @@
 :func:`joined` (used while the compiled decode step is traced, :mod:`moedec.compiled`) also lets
 every GLM-4.x attention layer compute its queries, keys and values in one quantized matmul and
 their RoPE in one call (:mod:`moedec.kernels.attention`), and every GLM-4.x decoder layer join its
-residual add and norm and hand its fused MoE block the residual (:mod:`moedec.kernels.layer`):
-fewer kernels per step.
+residual add and norm and hand its fused MoE block the residual (:mod:`moedec.kernels.layer`),
+and on CUDA gives the 4-bit dense layers (attention projections, dense MLPs, LM head) the
+tensor-core kernel of :mod:`moedec.kernels.dense`: fewer and faster kernels per step.
 
 Each call goes to the device's backend when it fits (``why_not_*`` is ``None``), else to mlx-lm's
 stock code, the reference. Backends live in :data:`BACKENDS`; a Metal one drops in by registering
@@ -32,6 +33,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 from moedec.errors import MoedecError
 
 from .attention import patch_attention
+from .dense import patch_linears
 from .layer import patch_layers
 from .patching import patched_class, set_call
 
@@ -188,14 +190,17 @@ def patch(model, kernel: str = "auto") -> int:
 def joined(model):
     """While open: ``model``'s GLM-4.x attention layers join their q/k/v projections and RoPEs, and
     its decoder layers, where the MoE blocks dispatch to a backend, join the residual add and norm
-    and pass the residual into the block's last kernel. Same results; fewer kernels per step. The
+    and pass the residual into the block's last kernel, and its 4-bit ``QuantizedLinear`` layers
+    (and the joined q/k/v) use the dense tensor-core kernel where it fits (:mod:`.dense`). Same results; fewer kernels per step. The
     compiled step traces under it: there the joins measured faster, while on the plain step the extra
     Python per layer cost more than the kernels saved (docs/benchmarks.md)."""
     backend = next((b.moedec_backend for b in moe_blocks(model) if getattr(b, "moedec_backend", None)), None)
     patch_attention(model, True)
     patch_layers(model, backend)
+    patch_linears(model, backend == "cuda")  # the dense kernel is CUDA's
     try:
         yield
     finally:
+        patch_linears(model, False)
         patch_layers(model, None)
         patch_attention(model, False)

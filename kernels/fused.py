@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
 from .cuda_source import ADD_NORM, ASYNC, ATTENTION, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
-from .tensor_cores import DOWN_MMA, GATE_UP_MMA
+from .tensor_cores import DENSE_MMA, DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
 THREADS = 256  # 8 warps; also the most (token, expert) pairs one forward may have
@@ -61,6 +61,7 @@ SIGNATURES = {
     "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
+    "dense_mma": (["x", "w", "sc", "bi"], ["y"], DENSE_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
     "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION, header(BASE)),
     "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE)),
     "copy": (["src"], ["dst"], COPY, ""),

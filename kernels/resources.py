@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import fused
+from .dense import dense_kernel
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
               "uint32": "uint32_t"}
@@ -66,7 +67,7 @@ def kernel_dtypes(x_dtype=mx.bfloat16) -> dict[str, str]:
     """The dtype of each named kernel input and output (weights: uint32, the default of
     :func:`kernel_source`) for ``x_dtype`` activations and bf16 scales."""
     xt = str(x_dtype).rsplit(".", 1)[-1]
-    halves = dict.fromkeys(["w", "bias", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
+    halves = dict.fromkeys(["w", "bias", "sc", "bi", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
                            "bfloat16")
     return {**halves, **dict.fromkeys(["x", "act", "y", "res", "r", "h", "n"], xt), "inds": "int32", "meta": "int32",
             "rsf": "float32", "scores": "float32", "logits": "float32"}
@@ -80,7 +81,13 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
     dtypes = kernel_dtypes(x_dtype)
     bf16 = mx.bfloat16
     ek = fused.expert_kernels(x_dtype, bf16, bits, d, n, group)
+    dense = {}
+    if bits == 4 and x_dtype != mx.float32:  # the dense kernel over rows of d inputs (weights of x's dtype)
+        template, smem = dense_kernel(x_dtype, d, n, group)
+        if smem:
+            dense["dense"] = (kernel_source("dense_mma", template, {**dtypes, "w": "uint32", "sc": xt, "bi": xt}), smem)
     return {
+        **dense,
         "gate_up": (kernel_source(ek.gate_up_name, ek.gate_up, dtypes), ek.gate_up_smem),
         "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
         "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),

@@ -344,3 +344,96 @@ DOWN_MMA = r"""
   }
   moedec::write_rows<X>(s_val[0], scores, meta[2] ? res : nullptr, y, P, K, SHARED, PER_PAIR, d0, ROWS, NOUT);
 """
+
+# A dense quantized linear layer y = x W^T (4-bit W [NOUT, DIN], X bfloat16 / float16, T <= 16 tokens)
+# on the same slices: the attention projections, a dense MLP and the LM head of a decode step, which
+# MLX's quantized matmul reads at about a fifth of the copy bandwidth (docs/benchmarks.md). Template:
+# X, S, DIN, NOUT, GROUP, KS, STAGES, SPLIT. A block owns WARPS / SPLIT tiles of 16 rows; the SPLIT warps
+# of a tile each take SLICES / SPLIT consecutive slices, and the block adds their partial dots in warp
+# order (whatever T is, so a token alone and among 16 gets the same bits). Inputs x [T, DIN], w, sc, bi
+# as MLX's QuantizedLinear stores them; output y [T, NOUT] in X (float32 sums rounded once).
+DENSE_MMA = r"""
+  constexpr int SLICES = DIN / KS, WORDS = DIN / 8, GROUPS = DIN / GROUP, TILES = moedec::WARPS / SPLIT;
+  constexpr int SP = SLICES / SPLIT;  // slices per warp
+  static_assert(SLICES % SPLIT == 0 && NOUT % 16 == 0, "whole slices per warp, whole row tiles");
+  __shared__ float s_sx[16 * GROUPS];  // [token][group]: sum of the token's inputs over the group
+  __shared__ float s_part[moedec::WARPS][16 * 16];  // [warp][token * 16 + row]: partial dots
+  extern __shared__ __align__(16) unsigned char ring_bytes[];
+  using St = moedec::MStage<KS, S>;
+  int T = 1;
+  for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const int tile = warp / SPLIT, part = warp % SPLIT, r0 = (blockIdx.x * TILES + tile) * 16;
+  const bool live = r0 < NOUT;  // the last block may have fewer tiles
+  St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
+
+  auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice part * SP + k of its tile
+    if (live && k < SP) {
+      const uint32_t* w0 = w + (size_t)r0 * WORDS;
+      const S* s0 = sc + (size_t)r0 * GROUPS;
+      const S* b0 = bi + (size_t)r0 * GROUPS;
+      moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(st, w0, w0 + 8 * WORDS, s0, s0 + 8 * GROUPS, b0,
+                                                       b0 + 8 * GROUPS, part * SP + k);
+    }
+    moedec::cp_commit();
+  };
+
+#pragma unroll
+  for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+  constexpr int PARTS = GROUP / 8;  // the sum-x table, as in GATE_UP_MMA
+  for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += moedec::THREADS) {
+    const int i = i0 + threadIdx.x;
+    float v = 0.f;
+    if (i < T * GROUPS * PARTS) {
+      float f[8];
+      moedec::load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v += f[q];
+    }
+#pragma unroll
+    for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(moedec::FULL, v, o);
+    if (i < T * GROUPS * PARTS && i % PARTS == 0) s_sx[i / PARTS] = v;
+  }
+  __syncthreads();
+
+  if (live) {
+    const X* xr[2];  // a column without a token reads the last token's row (and is not used)
+    const float* sx[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      xr[nt] = x + (size_t)min(nt * 8 + g, T - 1) * DIN;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) sx[nt][h] = s_sx + min(nt * 8 + 2 * c + h, T - 1) * GROUPS;
+    }
+    float acc[2][4] = {};
+    for (int k = 0; k < SP; ++k) {
+      queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
+      moedec::cp_wait<STAGES - 1>();
+      __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
+      moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], part * SP + k, T, xr, sx, acc);
+      __syncwarp();
+    }
+    // rows g, g + 8 of the tile; columns (tokens) 2c, 2c + 1
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = nt * 8 + 2 * c + h;
+        if (j < T) {
+          s_part[warp][j * 16 + g] = acc[nt][h];
+          s_part[warp][j * 16 + g + 8] = acc[nt][2 + h];
+        }
+      }
+  }
+  moedec::cp_wait<0>();
+  __syncthreads();
+  for (int i = threadIdx.x; i < TILES * T * 16; i += moedec::THREADS) {
+    const int tl = i / (T * 16), j = i / 16 % T, r = i % 16, row = (blockIdx.x * TILES + tl) * 16 + r;
+    if (row < NOUT) {
+      float v = 0.f;
+#pragma unroll
+      for (int p = 0; p < SPLIT; ++p) v += s_part[tl * SPLIT + p][j * 16 + r];
+      y[(size_t)j * NOUT + row] = (X)v;
+    }
+  }
+"""

@@ -1,0 +1,100 @@
+"""Dense 4-bit quantized linear layers of a decode forward on the tensor cores (``DENSE_MMA``).
+
+A GLM-class decode step reads about a third of its bytes outside the experts: the attention
+projections, the dense MLP of the first layers and the LM head. MLX's quantized matmul reads them
+at about a fifth of the copy bandwidth on an H100/H200 at T <= 16 (docs/benchmarks.md); the
+expert kernels' slices (a ``cp.async`` ring per warp, ``ldmatrix``, ``mma.sync``) read them
+faster. :func:`qlinear` is ``mx.quantized_matmul(x, w, scales, biases, transpose=True)`` for
+4-bit affine weights and bfloat16/float16 activations, float32 sums rounded once; :func:`patch_linears`
+gives a model's ``QuantizedLinear`` layers a call that uses it where it fits and MLX's otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .fused import MAX_TOKENS, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _stages
+from .patching import set_call
+
+DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
+DENSE_SPLIT = 4  # warps that split one tile's inputs (fewer when the slices do not divide); H200: 4 beat 8 and 2
+MAX_DIN = 16384  # the block's sum-x table is 16 x DIN / GROUP floats of static shared memory
+
+
+def why_not_dense(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
+                  group_size: int, mode: str = "affine") -> str | None:
+    """``None`` if :func:`qlinear` can compute ``x @ dequantize(weight).T``, else why not."""
+    if mode != "affine" or bits != 4 or biases is None:
+        return "only 4-bit affine weights"
+    if x.dtype not in (mx.bfloat16, mx.float16) or scales.dtype != x.dtype or biases.dtype != x.dtype:
+        return "bfloat16 or float16 activations, scales and biases of one dtype"
+    if group_size not in SUPPORTED_GROUPS:
+        return f"group size must be one of {SUPPORTED_GROUPS}"
+    din, nout = x.shape[-1], weight.shape[0]
+    if weight.ndim != 2 or weight.dtype != mx.uint32 or weight.shape[1] * 8 != din:
+        return "a 2-d packed weight as wide as the activations"
+    if x.size // max(din, 1) > MAX_TOKENS or x.size == 0:
+        return f"1 to {MAX_TOKENS} tokens (prefill keeps MLX's matmul)"
+    if nout % 16 or din > MAX_DIN or not dense_kernel(x.dtype, din, nout, group_size)[1]:
+        return "rows a multiple of 16, inputs a multiple of 256 up to 16384"
+    if not _on_cuda():
+        return "needs MLX's CUDA backend"
+    return None
+
+
+def _on_cuda() -> bool:
+    return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=64)
+def dense_kernel(x_dtype, din: int, nout: int, group: int, split: int = DENSE_SPLIT) -> tuple[list, int]:
+    """(template, dynamic shared memory) of ``DENSE_MMA`` for ``din -> nout``; 0 bytes: no fit."""
+    ks = _mma_slice(din, DENSE_SLICE, group, x_dtype.size)
+    if not ks:
+        return [], 0
+    slices = din // ks
+    split = next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
+    stages, smem = _stages(8 * ks + ks * x_dtype.size, DENSE_STAGES)
+    return ([("X", x_dtype), ("S", x_dtype), ("DIN", din), ("NOUT", nout), ("GROUP", group), ("KS", ks),
+             ("STAGES", stages), ("SPLIT", split)], smem)
+
+
+def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+            split: int = DENSE_SPLIT) -> mx.array:
+    """``x [.., DIN] -> [.., NOUT]``: ``mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+    group_size=group_size, bits=4)`` (check :func:`why_not_dense` first)."""
+    din, nout = x.shape[-1], weight.shape[0]
+    template, smem = dense_kernel(x.dtype, din, nout, group_size, split)
+    tiles = WARPS // dict(template)["SPLIT"]
+    (y,) = _kernel("dense_mma", smem)(
+        inputs=[x, weight, scales, biases], template=template,
+        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(*x.shape[:-1], nout)], output_dtypes=[x.dtype],
+    )
+    return y
+
+
+def _linear_call(self, x: mx.array) -> mx.array:
+    """``QuantizedLinear.__call__`` through :func:`qlinear` where it fits."""
+    if why_not_dense(x, self.weight, self.scales, self.get("biases"), self.bits, self.group_size,
+                     getattr(self, "mode", "affine")) is not None:
+        return self._moedec_stock_call(x)
+    y = qlinear(x, self.weight, self.scales, self["biases"], self.group_size)
+    return y + self["bias"] if "bias" in self else y
+
+
+def quantized_linears(model) -> list:
+    return [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+
+
+def patch_linears(model, on: bool) -> int:
+    """Give ``model``'s ``QuantizedLinear`` layers the dense kernel's call (``on``) or MLX's back;
+    returns how many layers have it."""
+    layers = quantized_linears(model)
+    for m in layers:
+        set_call(m, _linear_call, "_moedec_dense", on)
+    return len(layers) if on else 0

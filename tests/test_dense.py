@@ -1,0 +1,94 @@
+"""The dense 4-bit linear kernel (moedec.kernels.dense): eligibility and patching on CPU, the
+kernel against MLX's quantized matmul on the GPU."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from moedec import kernels
+from moedec.kernels import dense
+from moedec.kernels.dense import patch_linears, qlinear, quantized_linears, why_not_dense
+from moedec.testing import tiny_moe
+
+on_gpu = kernels.device_backend() == "cuda"
+
+
+def quantized(din, nout, dtype=mx.bfloat16, group=64, bits=4, seed=0):
+    w = (mx.random.normal((nout, din), key=mx.random.key(seed)) * din**-0.5).astype(dtype)
+    return mx.quantize(w, group_size=group, bits=bits)
+
+
+def test_dense_eligibility_reasons():
+    """Shape, dtype and quantization checks come before the device check, so they hold on any machine."""
+    w, s, b = quantized(512, 272)
+    x = mx.zeros((3, 512), mx.bfloat16)
+    reason = why_not_dense(x, w, s, b, 4, 64)
+    assert reason is None if on_gpu else reason == "needs MLX's CUDA backend"
+    assert "4-bit" in why_not_dense(x, *quantized(512, 272, bits=8), 8, 64)
+    assert "4-bit" in why_not_dense(x, w, s, None, 4, 64)
+    assert "dtype" in why_not_dense(x.astype(mx.float32), w, s, b, 4, 64)
+    assert "dtype" in why_not_dense(x, w, s.astype(mx.float16), b, 4, 64)
+    assert "tokens" in why_not_dense(mx.zeros((17, 512), mx.bfloat16), w, s, b, 4, 64)
+    assert "wide" in why_not_dense(mx.zeros((1, 256), mx.bfloat16), w, s, b, 4, 64)
+    assert "multiple of 16" in why_not_dense(x, *quantized(512, 264), 4, 64)  # 264 rows
+    w3, s3, b3 = quantized(384, 64)  # 384 inputs: no whole 256-input slices
+    assert "multiple of 256" in why_not_dense(mx.zeros((1, 384), mx.bfloat16), w3, s3, b3, 4, 64)
+
+
+@pytest.mark.parametrize("din,group,split,want", [(4096, 64, 4, 4), (512, 32, 4, 2), (1024, 128, 8, 4), (768, 64, 4, 1)])
+def test_dense_kernel_template(din, group, split, want):
+    """Whole slices per warp (the split falls back to one that divides them), and a shared-memory
+    request above MLX's 48 KB opt-in."""
+    from moedec.kernels.fused import OPT_IN
+
+    template, smem = dense.dense_kernel(mx.bfloat16, din, 256, group, split)
+    t = dict(template)
+    assert smem >= OPT_IN and din % t["KS"] == 0 and t["KS"] % group == 0
+    assert (din // t["KS"]) % t["SPLIT"] == 0 and t["SPLIT"] == want  # 768 = 3 slices of 256: one warp
+
+
+def test_patch_linears_swaps_and_restores_the_class():
+    model = tiny_moe("glm4_moe")
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    layers = quantized_linears(model)
+    assert layers and patch_linears(model, True) == len(layers)
+    assert all(hasattr(type(m), "_moedec_dense") and isinstance(m, nn.QuantizedLinear) for m in layers)
+    x = mx.random.normal((1, 2, layers[0].weight.shape[1] * 8))
+    assert mx.array_equal(layers[0](x), nn.QuantizedLinear.__call__(layers[0], x)).item()  # float32: MLX's call
+    assert patch_linears(model, False) == 0
+    assert all(type(m) is nn.QuantizedLinear for m in layers)
+
+
+def test_joined_patches_dense_layers_only_with_the_cuda_backend():
+    model = tiny_moe("glm4_moe")
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    kernels.patch(model, "auto")
+    try:
+        with kernels.joined(model):
+            patched = [hasattr(type(m), "_moedec_dense") for m in quantized_linears(model)]
+        assert all(patched) if on_gpu else not any(patched)
+        assert not any(hasattr(type(m), "_moedec_dense") for m in quantized_linears(model))
+    finally:
+        kernels.patch(model, "stock")
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX's CUDA backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,group,din,nout", [
+    (mx.bfloat16, 64, 4096, 6144),  # the synthetic model's joined q/k/v
+    (mx.float16, 32, 512, 272),
+    (mx.bfloat16, 128, 1536, 1024),  # 6 slices: a split of 2
+])
+def test_dense_kernel_equals_quantized_matmul(dtype, group, din, nout):
+    """Within float32-sum noise of MLX's quantized matmul for 1..16 tokens, and a token's row the same
+    bits alone as among 16 (the partial dots are added in one order whatever T is)."""
+    w, s, b = quantized(din, nout, dtype, group)
+    x = mx.random.normal((16, din), key=mx.random.key(7)).astype(dtype)
+    alone = qlinear(x[:1], w, s, b, group)
+    for t in (1, 2, 7, 8, 9, 16):
+        assert why_not_dense(x[:t], w, s, b, 4, group) is None
+        got = qlinear(x[:t], w, s, b, group).astype(mx.float32)
+        ref = mx.quantized_matmul(x[:t], w, s, b, transpose=True, group_size=group, bits=4).astype(mx.float32)
+        err = float(mx.abs(got - ref).max()) / float(mx.abs(ref).max())
+        assert err < 2e-2, (t, err)
+        assert mx.array_equal(got[0], alone[0].astype(mx.float32)).item(), t
