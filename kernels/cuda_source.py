@@ -273,10 +273,13 @@ ROUTER_SELECT = r"""
 # cache, moedec.compiled): MLX's fused attention takes no mask on CUDA, and a masked one falls back to
 # several kernels. Template: X dtype, D head size (a multiple of 32, at most 256), H query heads, HKV
 # key/value heads. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
-# position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of four warps
-# per (batch, head); each warp runs an online softmax over every fourth position, then warp 0 merges.
+# position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of NW warps per
+# (batch, head); warp w takes positions in runs of U (runs w, w + NW, ..): it loads the run's U keys and
+# values at once (independent loads in flight together), sums the U scores across lanes, and folds the
+# run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
 ATTENTION = r"""
-  constexpr int EPL = D / 32, NW = 4;
+  constexpr int EPL = D / 32, NW = 8, U = 8;
+  struct alignas(sizeof(X) * EPL) Row { X v[EPL]; };  // a lane's EPL elements of one key or value row
   __shared__ float s_m[NW], s_l[NW], s_o[NW][D];
   const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / HKV);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -290,15 +293,38 @@ ATTENTION = r"""
     acc[i] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
-  for (int j = warp; j < L; j += NW) {
-    float sc = 0.f;
+  for (int j0 = warp * U; j0 < L; j0 += NW * U) {  // a run: positions j0 .. j0 + U - 1 (those < L count)
+    Row kr[U], vr[U];
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) sc = fmaf(qv[i], moedec::to_f(kp[(size_t)j * D + i]), sc);
-    sc = moedec::warp_sum(sc);
-    const float mn = fmaxf(m, sc), corr = expf(m - mn), p = expf(sc - mn);
-    l = l * corr + p;
+    for (int u = 0; u < U; ++u) {
+      const size_t j = min(j0 + u, L - 1);  // past the end: a valid row, weighted 0
+      kr[u] = *reinterpret_cast<const Row*>(kp + j * D);
+      vr[u] = *reinterpret_cast<const Row*>(vp + j * D);
+    }
+    float sc[U], mc = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < EPL; ++i) acc[i] = acc[i] * corr + p * moedec::to_f(vp[(size_t)j * D + i]);
+    for (int u = 0; u < U; ++u) {
+      sc[u] = 0.f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) sc[u] = fmaf(qv[i], moedec::to_f(kr[u].v[i]), sc[u]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u) sc[u] += __shfl_xor_sync(moedec::FULL, sc[u], o);
+#pragma unroll
+    for (int u = 0; u < U; ++u) mc = j0 + u < L ? fmaxf(mc, sc[u]) : mc;
+    const float mn = fmaxf(m, mc), corr = expf(m - mn);  // the run has a position < L: mn is finite
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) acc[i] *= corr;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float p = j0 + u < L ? expf(sc[u] - mn) : 0.f;
+      l += p;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) acc[i] = fmaf(p, moedec::to_f(vr[u].v[i]), acc[i]);
+    }
     m = mn;
   }
   if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }

@@ -42,6 +42,8 @@ def add_rms_norm(x: mx.array, r: mx.array, weight: mx.array, eps: float) -> tupl
 
 # -- decode attention -------------------------------------------------------------------------------
 
+ATTENTION_THREADS = 256  # NW = 8 warps of the ATTENTION kernel
+
 
 def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
     """``None`` if :func:`decode_attention` can attend these one-token queries over ``keys``."""
@@ -61,7 +63,7 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     (o,) = _kernel("attention")(
         inputs=[queries, keys, values, offset, _scalar(float(scale))],
         template=[("X", queries.dtype), ("D", d), ("H", h), ("HKV", keys.shape[1])],
-        grid=(b * h * 128, 1, 1), threadgroup=(128, 1, 1),
+        grid=(b * h * ATTENTION_THREADS, 1, 1), threadgroup=(ATTENTION_THREADS, 1, 1),
         output_shapes=[queries.shape], output_dtypes=[queries.dtype],
     )
     return o

@@ -378,12 +378,12 @@ def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv)
     (garbage here) ignored, as MLX's attention over exactly those positions computes it."""
     from moedec.kernels.ops import decode_attention, why_not_decode_attention
 
-    c = 64
+    c = 300  # several runs of positions per warp
     q = mx.random.normal((1, h, 1, d), key=mx.random.key(1)).astype(dtype)
     k = mx.random.normal((1, hkv, c, d), key=mx.random.key(2)).astype(dtype)
     v = mx.random.normal((1, hkv, c, d), key=mx.random.key(3)).astype(dtype)
     assert why_not_decode_attention(q, k) is None
-    for offset in (0, 1, 17, c - 1):
+    for offset in (0, 1, 17, 63, 64, 130, c - 1):
         got = decode_attention(q, k, v, mx.array(offset, dtype=mx.int32), d**-0.5).astype(mx.float32)
         n = offset + 1
         ref = mx.fast.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=d**-0.5).astype(mx.float32)
