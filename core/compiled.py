@@ -53,9 +53,10 @@ class StaticKVCache:
     """One layer's cache with mlx-lm's interface: ``keys``/``values`` ``[B, H, C, D]`` of fixed
     capacity ``C`` and an ``offset`` array shared by every layer (``pos["offset"]``)."""
 
-    def __init__(self, keys: mx.array, values: mx.array, pos: dict):
+    def __init__(self, keys: mx.array, values: mx.array, pos: dict, shared: Optional[dict] = None):
         self.state = {"keys": keys, "values": values}
         self.pos = pos
+        self.shared = {} if shared is None else shared  # per-step arrays every layer uses (not state)
 
     @property
     def offset(self) -> mx.array:
@@ -63,7 +64,9 @@ class StaticKVCache:
 
     def update_and_fetch(self, keys, values):
         if keys.shape[2] == 1:  # a select over the buffer: no dynamic-offset copy and offset kernels
-            at = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
+            at = self.shared.get("at")  # one position mask per step, not one per layer
+            if at is None:
+                at = self.shared["at"] = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
             self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
             self.state["values"] = mx.where(at, values, self.state["values"])
         else:
@@ -128,16 +131,18 @@ class CompiledSteps:
             src = [(c.state["keys"], c.state["values"]) for c in self.layers]
         else:
             src = [(c.keys, c.values) for c in self.cache]
-        pos = {"offset": mx.array(self.length, dtype=mx.int32)}
-        self.layers = [StaticKVCache(_padded(k, self.length, capacity), _padded(v, self.length, capacity), pos)
+        pos, shared = {"offset": mx.array(self.length, dtype=mx.int32)}, {}
+        self.layers = [StaticKVCache(_padded(k, self.length, capacity), _padded(v, self.length, capacity), pos, shared)
                        for k, v in src]
         state = [c.state for c in self.layers] + [pos]
         layers, model = self.layers, self.model
 
         @partial(mx.compile, inputs=state, outputs=state)
         def step(tokens):
+            shared.clear()
             logits = model(tokens, cache=layers)[:, -1, :]  # [1, V]
             pos["offset"] = pos["offset"] + tokens.shape[1]
+            shared.clear()  # no traced arrays kept past the trace
             return logits
 
         self._step = step
