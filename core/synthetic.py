@@ -33,15 +33,17 @@ def synthetic_config(scale: float = 1.0, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
+def quantizable(path: str, m: nn.Module) -> bool:
+    """What the synthetic model quantizes: every layer that can be, but the MoE router."""
+    return hasattr(m, "to_quantized") and not path.endswith("mlp.gate")
+
+
 def synthetic_glm(seed: int = 0, scale: float = 1.0, bits: int = 4, group_size: int = 64,
                   dtype=mx.bfloat16, **overrides: Any) -> nn.Module:
     """Build, randomise (N(0, 1/fan_in)), cast and quantize the synthetic model, one layer at a time."""
     cfg = synthetic_config(scale, **overrides)
     mx.random.seed(seed)
     model = build_model(cfg)
-
-    def quantizable(path: str, m: nn.Module) -> bool:
-        return hasattr(m, "to_quantized") and not path.endswith("mlp.gate")
 
     def finish(module: nn.Module) -> None:
         module.set_dtype(dtype)

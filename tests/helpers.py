@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import attrs
+import mlx.core as mx
+import mlx.nn as nn
 
 import moedec
 from moedec.forward import cache_length
+from moedec.synthetic import quantizable
+from moedec.testing import tiny_moe
+
+
+def quantized_glm(**overrides):
+    """A tiny float32 GLM-4.x MoE, quantized 4-bit g32 as the synthetic model is (router left alone)."""
+    model = tiny_moe("glm4_moe", **overrides)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=quantizable)
+    mx.eval(model.parameters())
+    return model
 
 
 @attrs.define

@@ -2,7 +2,6 @@
 same outputs as mlx-lm's, no memory added, prefill left alone."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -12,14 +11,9 @@ from moedec import compiled, kernels
 from moedec.kernels.attention import MAX_TOKENS, QKVPlan, attention_layers, patch_attention
 from moedec.testing import tiny_moe
 
+from helpers import quantized_glm
+
 on_gpu = kernels.device_backend() in kernels.BACKENDS
-
-
-def quantized_glm(**overrides):
-    model = tiny_moe("glm4_moe", **overrides)
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
-    mx.eval(model.parameters())
-    return model
 
 
 def decode_logits(model, prompt, steps, feed=None):

@@ -8,7 +8,7 @@ import pytest
 from moedec import kernels
 from moedec.kernels import dense
 from moedec.kernels.dense import patch_linears, qlinear, quantized_linears, why_not_dense
-from moedec.testing import tiny_moe
+from helpers import quantized_glm
 
 on_gpu = kernels.device_backend() == "cuda"
 
@@ -48,8 +48,7 @@ def test_dense_kernel_template(din, group, split, want):
 
 
 def test_patch_linears_swaps_and_restores_the_class():
-    model = tiny_moe("glm4_moe")
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    model = quantized_glm()
     layers = quantized_linears(model)
     assert layers and patch_linears(model, True) == len(layers)
     assert all(hasattr(type(m), "_moedec_dense") and isinstance(m, nn.QuantizedLinear) for m in layers)
@@ -60,8 +59,7 @@ def test_patch_linears_swaps_and_restores_the_class():
 
 
 def test_joined_patches_dense_layers_only_with_the_cuda_backend():
-    model = tiny_moe("glm4_moe")
-    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("mlp.gate"))
+    model = quantized_glm()
     kernels.patch(model, "auto")
     try:
         with kernels.joined(model):
