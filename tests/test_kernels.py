@@ -405,8 +405,8 @@ def test_decode_attention_eligibility():
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
 def test_kernel_harness_builds(tmp_path):
-    """examples/kernel_harness/build.py turns the working tree's tensor-core kernels into a standalone
-    CUDA-event timer (what docs/benchmarks.md's kernel-by-kernel table ran)."""
+    """examples/kernel_harness/build.py turns the working tree's tensor-core kernels (experts and the
+    dense kernel) into a standalone CUDA-event timer (what docs/benchmarks.md's kernel-by-kernel table ran)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -417,4 +417,5 @@ def test_kernel_harness_builds(tmp_path):
     assert "work (working tree): Used" in run.stdout
     source = (tmp_path / "work.cu").read_text()
     assert "work_gate_up_mma(" in source and "work_down_mma(" in source
+    assert "dense_qkv_s4_dense_mma(" in (tmp_path / "dense.cu").read_text()
     assert (tmp_path / "harness").stat().st_size > 0

@@ -6,7 +6,9 @@ struct Args {
   void* act;
   const void *wd, *sd, *bd, *hd, *hsd, *hbd, *res;
   void* y;
+  const void *w, *sc, *bi;  // a dense layer (DENSE_MMA)
   int T, K, E, D, N, G, bits, P, U_hint;
 };
 typedef void (*Launch)(const Args&, cudaStream_t);
 struct Variant { const char* name; Launch gate_up, down; };
+struct DenseVariant { const char* name; int din, nout, split; Launch run; };  // the working tree's dense kernel

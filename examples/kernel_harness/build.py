@@ -3,7 +3,9 @@
 Each variant is the kernel sources of ``moedec.kernels.tensor_cores`` at a git revision (or the
 working tree) compiled the way MLX's ``cuda_kernel`` would (:func:`moedec.kernels.resources.kernel_source`)
 with nvcc for sm_90a, plus a launcher; ``main.cu`` times gate/up, down and both, back to back, for
-T = 1, 2, 4, 8, 16, against cudaMemcpy's and a copy kernel's bandwidth, side by side in one run.
+T = 1, 2, 4, 8, 16, against cudaMemcpy's and a copy kernel's bandwidth, side by side in one run; then
+the working tree's dense kernel (``DENSE_MMA``) on the synthetic model's dense shapes with each of
+:data:`SPLITS` warps per tile.
 
     python examples/kernel_harness/build.py [--rev HEAD~1 ...] [-o DIR]   # nvcc here
     DIR/harness 200 1                                                       # on the GPU host
@@ -31,6 +33,8 @@ SHAPES = {  # C++ expressions over Args a, for the inputs whose shapes a kernel 
     "wg": ["a.E", "a.N", "a.D*a.bits/32"], "act": ["a.P+a.T", "a.N"], "wd": ["a.E", "a.D", "a.N*a.bits/32"],
     "res": ["1", "a.T", "a.D"],
 }
+DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "head": (4096, 32000)}  # din, nout
+SPLITS = (2, 4, 8)
 
 
 def sources_at(rev: str | None) -> types.SimpleNamespace:
@@ -45,9 +49,10 @@ def sources_at(rev: str | None) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{k: ns[k] for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
 
 
-def kernel_tu(name: str, prefix: str, template: list) -> tuple[str, list[str]]:
+def kernel_tu(name: str, prefix: str, template: list, dtypes: dict | None = None) -> tuple[str, list[str]]:
     """The kernel's translation unit, renamed ``prefix_name``, and its call arguments from Args a."""
-    tu = resources.kernel_source(name, template, resources.kernel_dtypes(mx.bfloat16)).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
+    dtypes = {**resources.kernel_dtypes(mx.bfloat16), **(dtypes or {})}
+    tu = resources.kernel_source(name, template, dtypes).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
     at = tu.index(f"{prefix}_{name}(") + len(f"{prefix}_{name}(")
     args = []
     for p in [q.strip() for q in tu[at:tu.index(") {\n", at)].split(",\n")]:
@@ -69,9 +74,9 @@ def variant(prefix: str, rev: str | None) -> str:
     src, now = sources_at(rev), sources_at(None)
     saved = dict(fused.SIGNATURES)
     try:
-        for name, body in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
+        for name, code in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
             i, o, _, head = fused.SIGNATURES[name]
-            fused.SIGNATURES[name] = (i, o, body, head.replace(now.TENSOR_CORES, src.TENSOR_CORES))
+            fused.SIGNATURES[name] = (i, o, code, head.replace(now.TENSOR_CORES, src.TENSOR_CORES))
         ek = fused.expert_kernels(mx.bfloat16, mx.bfloat16, BITS, D, N, GROUP)
         if ek.gate_up_name != "gate_up_mma":
             raise SystemExit("these shapes do not take the tensor-core kernels")
@@ -81,18 +86,43 @@ def variant(prefix: str, rev: str | None) -> str:
         fused.SIGNATURES.clear()
         fused.SIGNATURES.update(saved)
     gu, dn = f"mlx::core::cu::{prefix}_{ek.gate_up_name}", f"mlx::core::cu::{prefix}_{ek.down_name}"
+    return (tu1 + "\n" + body(tu2) + PRELUDE + launcher(f"{prefix}_gate_up", gu, ek.gate_up_smem, str(fused.GATE_UP_BLOCKS), a1)
+            + launcher(f"{prefix}_down", dn, ek.down_smem, f"(a.D + {fused.ROWS - 1}) / {fused.ROWS}", a2))
 
-    def launcher(kind: str, fn: str, smem: int, blocks: str, args: list[str]) -> str:
-        return (f'extern "C" void {prefix}_{kind}(const Args& a, cudaStream_t st) {{\n'
-                f"  static bool init = false;\n"
-                f"  if (!init) {{ cudaFuncSetAttribute({fn}, cudaFuncAttributeMaxDynamicSharedMemorySize, {smem}); init = true; }}\n"
-                f"  {fn}<<<{blocks}, {fused.THREADS}, {smem}, st>>>({', '.join(args)});\n}}\n")
 
-    return (tu1 + "\n" + tu2[tu2.index("namespace mlx::core::cu {\n__global__"):] + '\n#include "args.h"\n'
-            "static mlx::core::cu::Shape shp(std::initializer_list<int> v) { mlx::core::cu::Shape s{}; int i = 0; "
-            "for (int x : v) s[i++] = x; return s; }\n"
-            + launcher("gate_up", gu, ek.gate_up_smem, str(fused.GATE_UP_BLOCKS), a1)
-            + launcher("down", dn, ek.down_smem, f"(a.D + {fused.ROWS - 1}) / {fused.ROWS}", a2))
+PRELUDE = ('\n#include "args.h"\n'
+           "static mlx::core::cu::Shape shp(std::initializer_list<int> v) { mlx::core::cu::Shape s{}; int i = 0; "
+           "for (int x : v) s[i++] = x; return s; }\n")
+
+
+def body(tu: str) -> str:
+    """A translation unit without the header part that the first kernel of a file already brought."""
+    return tu[tu.index("namespace mlx::core::cu {\n__global__"):]
+
+
+def launcher(name: str, fn: str, smem: int, blocks: str, args: list[str]) -> str:
+    return (f'extern "C" void {name}(const Args& a, cudaStream_t st) {{\n'
+            f"  static bool init = false;\n"
+            f"  if (!init) {{ cudaFuncSetAttribute({fn}, cudaFuncAttributeMaxDynamicSharedMemorySize, {smem}); init = true; }}\n"
+            f"  {fn}<<<{blocks}, {fused.THREADS}, {smem}, st>>>({', '.join(args)});\n}}\n")
+
+
+def dense_file() -> tuple[str, list[tuple[str, int, int, int]]]:
+    """The working tree's dense kernel for each of DENSE_SHAPES x SPLITS, with launchers, and the
+    (name, din, nout, split) of each."""
+    from moedec.kernels.dense import dense_kernel
+
+    parts, launchers, table = [], [], []
+    for shape, (din, nout) in DENSE_SHAPES.items():
+        for split in SPLITS:
+            template, smem = dense_kernel(mx.bfloat16, din, nout, GROUP, split)
+            name = f"dense_{shape}_s{dict(template)['SPLIT']}"
+            tu, args = kernel_tu("dense_mma", name, template, {"w": "uint32"})
+            parts.append(tu if not parts else body(tu))
+            tiles = fused.WARPS // dict(template)["SPLIT"]
+            launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, f"{-(-nout // (16 * tiles))}", args))
+            table.append((name, din, nout, dict(template)["SPLIT"]))
+    return "\n".join(parts) + PRELUDE + "".join(launchers), table
 
 
 def main() -> None:
@@ -108,6 +138,9 @@ def main() -> None:
         cu = out / f"{name}.cu"
         cu.write_text(variant(name, rev))
         objs.append((name, cu, out / f"{name}.o"))
+    dense_cu, dense = dense_file()
+    (out / "dense.cu").write_text(dense_cu)
+    objs.append(("dense", out / "dense.cu", out / "dense.o"))
     procs = [subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-c", str(cu), "-o", str(obj),
                                "-Xptxas", "-v"], stderr=subprocess.PIPE, text=True) for _, cu, obj in objs]
     for (name, _, _), p in zip(objs, procs):
@@ -115,11 +148,13 @@ def main() -> None:
         if p.returncode:
             sys.exit(f"{name}: nvcc failed\n{err[-3000:]}")
         usage = [l.split("ptxas info    : ")[-1] for l in err.splitlines() if "Used" in l]
-        print(f"{name} ({names[name] or 'working tree'}): {'; '.join(usage)}")
-    decls = "\n".join(f'extern "C" void {n}_gate_up(const Args&, cudaStream_t); extern "C" void {n}_down(const Args&, cudaStream_t);'
-                      for n, _, _ in objs)
-    table = ",\n".join(f'  {{"{n}", {n}_gate_up, {n}_down}}' for n, _, _ in objs)
-    (out / "variants.inc").write_text(f"{decls}\nstatic Variant VARIANTS[] = {{\n{table}\n}};\n")
+        print(f"{name} ({names.get(name) or 'working tree'}): {'; '.join(usage)}")
+    decls = "\n".join([f'extern "C" void {n}_gate_up(const Args&, cudaStream_t); extern "C" void {n}_down(const Args&, cudaStream_t);'
+                        for n in names] + [f'extern "C" void {n}(const Args&, cudaStream_t);' for n, *_ in dense])
+    table = ",\n".join(f'  {{"{n}", {n}_gate_up, {n}_down}}' for n in names)
+    dtable = ",\n".join(f'  {{"{n}", {din}, {nout}, {split}, {n}}}' for n, din, nout, split in dense)
+    (out / "variants.inc").write_text(f"{decls}\nstatic Variant VARIANTS[] = {{\n{table}\n}};\n"
+                                      f"static DenseVariant DENSE[] = {{\n{dtable}\n}};\n")
     subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-I", str(out), str(HERE / "main.cu"),
                     *[str(o) for _, _, o in objs], "-o", str(out / "harness")], check=True)
     print("built", out / "harness")

@@ -1,7 +1,9 @@
 // Times the fused expert kernels (gate/up, down) with CUDA events on synthetic GLM-shaped layers, no MLX:
 // 77 experts of 4096 -> 1536, 4-bit g64, bf16, top-8 (+ the shared expert), 8 layers cycled so no call
-// finds the last one's experts in L2. Built by build.py; usage: harness [REPS] [SHARED 0/1] [ONLY].
-// Each variant's output is compared with the first variant's (max |dy| / max |y|).
+// finds the last one's experts in L2; then the working tree's dense kernel on the model's dense shapes (8
+// weight copies cycled), one line per T with each split. Built by build.py; usage: harness [REPS]
+// [SHARED 0/1] [ONLY: a variant name's part; "dense": the dense kernel alone]. Each variant's output is
+// compared with the first variant's (max |dy| / max |y|).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cstdio>
@@ -90,6 +92,7 @@ int main(int argc, char** argv) {
   std::mt19937 rng(7);
   std::vector<float> ref;
   for (int T : {1, 2, 4, 8, 16}) {
+    if (only == "dense") break;
     int P = T * K;
     double usum = 0;
     std::vector<Args> cs(L);
@@ -139,6 +142,47 @@ int main(int argc, char** argv) {
       printf("  %-8s %9.1f %6.1f %9.1f %6.1f %9.1f %6.1f  %.2e\n", V.name, t3[0], pct(slots * gu_bytes, t3[0]), t3[1],
              pct(slots * dn_bytes, t3[1]), t3[2], pct(slots * (gu_bytes + dn_bytes), t3[2]), md / my);
     }
+  }
+
+  const int nd = sizeof(DENSE) / sizeof(DENSE[0]);
+  if (only.empty() || only == "dense") printf("\ndense kernel, 4-bit g%d bf16: us per call, %% of copy bandwidth on the weight bytes\n", G);
+  for (int i0 = 0, i1; i0 < nd && (only.empty() || only == "dense"); i0 = i1) {
+    const int din = DENSE[i0].din, nout = DENSE[i0].nout;
+    for (i1 = i0; i1 < nd && DENSE[i1].din == din && DENSE[i1].nout == nout; ++i1) {}
+    const size_t wn = (size_t)nout * din / 8, gn = (size_t)nout * din / G;
+    std::vector<Args> ws(L);
+    for (auto& a : ws) {
+      memset(&a, 0, sizeof(a));
+      a.D = din; a.w = ru32(wn, seed++); a.sc = rbf(gn, seed++, 0.002f, 0.01f); a.bi = rbf(gn, seed++, -0.06f, 0.f);
+      a.x = rbf((size_t)16 * din, seed++, -2.f, 2.f); a.y = dalloc((size_t)16 * nout * 2);
+    }
+    CK(cudaDeviceSynchronize());
+    const double bytes = wn * 4.0 + gn * 4.0;
+    printf("%d -> %d (%.1f MB)\n", din, nout, bytes / 1e6);
+    for (int T : {1, 4, 8, 16}) {
+      std::vector<float> ref_d;
+      printf("  T=%-2d", T);
+      for (int v = i0; v < i1; ++v) {
+        for (auto& a : ws) a.T = T;
+        DENSE[v].run(ws[0], st);
+        CK(cudaStreamSynchronize(st)); CK(cudaGetLastError());
+        std::vector<__nv_bfloat16> hy((size_t)T * nout);
+        CK(cudaMemcpy(hy.data(), ws[0].y, hy.size() * 2, cudaMemcpyDeviceToHost));
+        if (ref_d.empty()) for (auto h : hy) ref_d.push_back(__bfloat162float(h));
+        double md = 0, my = 0;
+        for (size_t i = 0; i < hy.size(); ++i) {
+          md = std::max(md, (double)fabs(__bfloat162float(hy[i]) - ref_d[i])); my = std::max(my, (double)fabs(ref_d[i]));
+        }
+        for (int w = 0; w < 2 * L; ++w) DENSE[v].run(ws[w % L], st);
+        CK(cudaEventRecord(e0, st));
+        for (int i = 0; i < reps; ++i) DENSE[v].run(ws[i % L], st);
+        CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
+        const double us = ms * 1e3 / reps;
+        printf("   split %d %6.1f us %5.1f %% (%.0e)", DENSE[v].split, us, 100.0 * bytes / (us * 1e-6) / 1e9 / bw, md / my);
+      }
+      printf("\n");
+    }
+    for (auto& a : ws) { CK(cudaFree((void*)a.w)); CK(cudaFree((void*)a.sc)); CK(cudaFree((void*)a.bi)); CK(cudaFree((void*)a.x)); CK(cudaFree(a.y)); }
   }
   return 0;
 }
