@@ -16,6 +16,7 @@ import statistics
 import moedec
 from moedec import kernels
 from moedec.bench import mlx_lm_decode
+from moedec.testing import agreeing_prefix
 
 
 def main() -> None:
@@ -47,7 +48,7 @@ def main() -> None:
                 g = moedec.generate(model, prompt, max_tokens=args.tokens, kernel=kind, eos_token_ids=[], compile_step=on)
                 out[on] = g.tokens
                 tps[f"{kind}{' compiled' if on else ''}"] = g.stats.decode_tps
-            agree = next((i for i, (a, b) in enumerate(zip(out[False], out[True])) if a != b), len(out[False]))
+            agree = agreeing_prefix(out[False], out[True])
             print(f"  {kind}: compiled and plain greedy tokens agree for {agree}/{len(out[False])}", flush=True)
         kernels.patch(model, "stock")
         print(f"round {r}{' (warm-up)' if not r else ''}: " + ", ".join(f"{k} {v:.1f}" for k, v in tps.items()) + " tok/s", flush=True)

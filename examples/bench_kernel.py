@@ -42,6 +42,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 import moedec
 from moedec import kernels
 from moedec.bench import mlx_lm_decode
+from moedec.testing import agreeing_prefix
 from moedec.kernels import fused, ops
 from moedec.synthetic import nbytes, synthetic_glm
 
@@ -220,8 +221,8 @@ def e2e_bench(model, tokens: int, rounds: int) -> dict:
     med["fused_vs_mlx_lm"] = med["moedec_fused"] / med["mlx_lm"]
     med["fused_compiled_vs_mlx_lm"] = med["moedec_fused_compiled"] / med["mlx_lm"]
     med["stock_vs_mlx_lm"] = med["moedec_stock"] / med["mlx_lm"]
-    med["compiled_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["fused"], outs["compiled"])) if x != y), tokens)
-    med["greedy_equal_prefix"] = next((i for i, (x, y) in enumerate(zip(outs["stock"], outs["fused"])) if x != y), tokens)
+    med["compiled_equal_prefix"] = agreeing_prefix(outs["fused"], outs["compiled"])
+    med["greedy_equal_prefix"] = agreeing_prefix(outs["stock"], outs["fused"])
     logits = {}
     for kernel in ("stock", "fused"):  # one single-token forward (prefill keeps the stock path)
         kernels.patch(model, kernel)

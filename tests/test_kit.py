@@ -334,3 +334,11 @@ def test_pytest_plugin_is_opt_in(tmp_path):
     assert on.returncode == 0 and "3 passed" in on.stdout, on.stdout + on.stderr
     off = subprocess.run(base, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert off.returncode != 0 and "fixture 'tiny_model' not found" in off.stdout
+
+
+def test_agreeing_prefix_is_the_index_of_the_first_difference():
+    from moedec.testing import agreeing_prefix
+
+    assert agreeing_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert agreeing_prefix([1, 2], [1, 2, 3]) == 2  # one a prefix of the other: the shorter length
+    assert agreeing_prefix([5], [6]) == 0 and agreeing_prefix([], []) == 0

@@ -117,6 +117,11 @@ class Divergence:
         )
 
 
+def agreeing_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading positions ``a`` and ``b`` agree on (the index of their first difference)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def compare_greedy(reference: OracleRun, tokens: Sequence[int], atol: float = 1e-4) -> Optional[Divergence]:
     """``None`` if ``tokens`` follow the oracle, else the first :class:`Divergence`."""
     tokens = [int(t) for t in tokens]

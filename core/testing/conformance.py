@@ -16,7 +16,7 @@ import moedec
 from moedec.errors import MoedecError
 from moedec.sampling import SamplingParams
 
-from . import default_prompts, describe_model, oracle_greedy, compare_greedy, small_vocab_model, tiny_models
+from . import agreeing_prefix, compare_greedy, default_prompts, describe_model, oracle_greedy, small_vocab_model, tiny_models
 from .distribution import Sample, check_end_to_end, check_steps, drafted_by_position
 from .probe import Probe, implements_hooks
 
@@ -294,9 +294,9 @@ def check_determinism(s: Setup, out: list, notes: list) -> None:
             ka = (a.stats.forwards, a.stats.drafted, a.stats.accepted)
             kb = (b.stats.forwards, b.stats.drafted, b.stats.accepted)
             if a.tokens != b.tokens or ka != kb:
-                where = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), None)
+                where = agreeing_prefix(a.tokens, b.tokens)
                 diff = (f"tokens first differ at position {where} ({a.tokens[where]} vs {b.tokens[where]})"
-                        if where is not None else f"(forwards, drafted, accepted) {ka} vs {kb}")
+                        if where < min(len(a.tokens), len(b.tokens)) else f"(forwards, drafted, accepted) {ka} vs {kb}")
                 setting = ", ".join(f"{k}={v}" for k, v in kw.items())
                 out.append(f"two runs with {setting} on {describe_model(m)} (prompt {prompt}) differ: {diff}; "
                            "draw randomness only from state.next_key() and keep no state across generations")
