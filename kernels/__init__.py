@@ -190,10 +190,11 @@ def patch(model, kernel: str = "auto") -> int:
 def joined(model):
     """While open: ``model``'s GLM-4.x attention layers join their q/k/v projections and RoPEs, and
     its decoder layers, where the MoE blocks dispatch to a backend, join the residual add and norm
-    and pass the residual into the block's last kernel, and its 4-bit ``QuantizedLinear`` layers
-    (and the joined q/k/v) use the dense tensor-core kernel where it fits (:mod:`.dense`). Same results; fewer kernels per step. The
-    compiled step traces under it: there the joins measured faster, while on the plain step the extra
-    Python per layer cost more than the kernels saved (docs/benchmarks.md)."""
+    and pass the residual into the block's last kernel; on CUDA its 4-bit ``QuantizedLinear`` layers
+    (and the joined q/k/v) use the dense tensor-core kernel where it fits (:mod:`.dense`). Same
+    results up to the order of float32 sums; fewer, faster kernels per step. The compiled step
+    traces under it: there the joins measured faster, while on the plain step the extra Python per
+    layer cost more than the kernels saved (docs/benchmarks.md)."""
     backend = next((b.moedec_backend for b in moe_blocks(model) if getattr(b, "moedec_backend", None)), None)
     patch_attention(model, True)
     patch_layers(model, backend)

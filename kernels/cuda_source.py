@@ -272,13 +272,13 @@ ROUTER_SELECT = r"""
 # Decode attention over a fixed-capacity cache whose valid length is an array (the compiled step's
 # cache, moedec.compiled): MLX's fused attention takes no mask on CUDA, and a masked one falls back to
 # several kernels. Template: X dtype, D head size (a multiple of 32, at most 256), H query heads, HKV
-# key/value heads. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
+# key/value heads, NW warps per block. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
 # position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of NW warps per
 # (batch, head); warp w takes positions in runs of U (runs w, w + NW, ..): it loads the run's U keys and
 # values at once (independent loads in flight together), sums the U scores across lanes, and folds the
 # run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
 ATTENTION = r"""
-  constexpr int EPL = D / 32, NW = 8, U = 8;
+  constexpr int EPL = D / 32, U = 8;
   struct alignas(sizeof(X) * EPL) Row { X v[EPL]; };  // a lane's EPL elements of one key or value row
   __shared__ float s_m[NW], s_l[NW], s_o[NW][D];
   const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / HKV);

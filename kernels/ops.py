@@ -42,7 +42,7 @@ def add_rms_norm(x: mx.array, r: mx.array, weight: mx.array, eps: float) -> tupl
 
 # -- decode attention -------------------------------------------------------------------------------
 
-ATTENTION_THREADS = 256  # NW = 8 warps of the ATTENTION kernel
+ATTENTION_WARPS = 8  # per block (one block per (batch, head)) of the ATTENTION kernel
 
 
 def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
@@ -55,6 +55,11 @@ def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
     return None
 
 
+def attention_template(dtype, d: int, h: int, hkv: int) -> list:
+    """The ATTENTION kernel's template arguments (what :mod:`moedec.kernels.resources` compiles too)."""
+    return [("X", dtype), ("D", d), ("H", h), ("HKV", hkv), ("NW", ATTENTION_WARPS)]
+
+
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
     """Softmax attention of ``queries [B, H, 1, D]`` over positions ``0..offset`` of ``keys`` /
     ``values [B, Hkv, C, D]`` (``offset``: a 0-d int32 array, so the length can change without a new
@@ -62,8 +67,8 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     b, h, _, d = queries.shape
     (o,) = _kernel("attention")(
         inputs=[queries, keys, values, offset, _scalar(float(scale))],
-        template=[("X", queries.dtype), ("D", d), ("H", h), ("HKV", keys.shape[1])],
-        grid=(b * h * ATTENTION_THREADS, 1, 1), threadgroup=(ATTENTION_THREADS, 1, 1),
+        template=attention_template(queries.dtype, d, h, keys.shape[1]),
+        grid=(b * h * 32 * ATTENTION_WARPS, 1, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
         output_shapes=[queries.shape], output_dtypes=[queries.dtype],
     )
     return o
