@@ -21,7 +21,9 @@ from .fused import MAX_TOKENS, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_s
 from .patching import set_call
 
 DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
-DENSE_SPLIT = 4  # warps that split one tile's inputs (fewer when the slices do not divide); H200: 4 beat 8 and 2
+# Warps that split one tile's inputs (fewer when the slices do not divide). 4 beat 8 and 2 at T = 1 and 4
+# in one scratch timing on an H200 (docs/benchmarks.md); examples/kernel_harness times all three.
+DENSE_SPLIT = 4
 MAX_DIN = 16384  # the block's sum-x table is 16 x DIN / GROUP floats of static shared memory
 
 
