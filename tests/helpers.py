@@ -57,3 +57,16 @@ class CacheChecker:
         if state.remaining > 0:  # the final step may be cut short by max_tokens
             self.lengths.append((cache_length(state.cache), len(state.tokens) - 1))
             assert cache_length(state.cache) == len(state.tokens) - 1
+
+
+@attrs.define
+class DraftRecorder:
+    """Observer: every step's draft as the strategy returned it (a ``Draft``, or ``None``)."""
+
+    drafts: list = attrs.field(factory=list)
+
+    @moedec.hookimpl(wrapper=True)
+    def draft(self, state):
+        d = yield
+        self.drafts.append(d)
+        return d

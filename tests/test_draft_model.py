@@ -22,6 +22,8 @@ from moedec.strategies.draft_model import DraftModel
 from moedec.testing import ARCHS, assert_lossless, tiny_moe, tiny_models
 from moedec.testing import st
 
+from helpers import DraftRecorder
+
 runner = CliRunner()
 
 _DRAFTERS: dict = {}
@@ -140,17 +142,10 @@ def test_self_draft_accepts_everything_at_temperature_0():
 
 def test_sampling_is_seeded_and_carries_q():
     model, drafter = tiny_models()[1], near_drafter(ARCHS[1])
-    seen = []
-
-    class Spy:
-        @moedec.hookimpl(wrapper=True)
-        def draft(self, state):
-            d = yield
-            seen.append(d)
-            return d
-
+    spy = DraftRecorder()
     kw = dict(max_tokens=24, temperature=1.0, top_p=0.9, seed=5, draft_model=drafter, num_draft=3)
-    g1 = moedec.generate(model, [7, 7, 8], "draft-model", plugins=[Spy()], **kw)
+    g1 = moedec.generate(model, [7, 7, 8], "draft-model", plugins=[spy], **kw)
+    seen = spy.drafts
     g2 = moedec.generate(model, [7, 7, 8], "draft-model", **kw)
     assert g1.tokens == g2.tokens and len(g1.tokens) == 24
     assert len([d for d in seen if d is not None]) >= 5

@@ -13,6 +13,8 @@ from moedec.strategies.prompt_lookup import NgramIndex, PromptLookup
 from moedec.testing import assert_lossless, tiny_models
 from moedec.testing import st
 
+from helpers import DraftRecorder
+
 
 def brute_lookup(tokens, lo, hi, k):
     """Rescan the whole context: longest suffix n-gram first, its latest earlier occurrence."""
@@ -117,32 +119,18 @@ def test_drafts_on_repetitive_context_and_counts():
     idx = NgramIndex(1, 3)
     idx.extend(prompt + [first])
     expected, _ = idx.lookup(5)
-    seen = []
-
-    class Spy:
-        @moedec.hookimpl(wrapper=True)
-        def draft(self, state):
-            d = yield
-            seen.append(tuple(d.tokens) if d is not None else ())
-            return d
-
-    moedec.generate(model, prompt, "prompt-lookup", max_tokens=24, num_draft=5, plugins=[Spy()])
-    assert seen[0] == tuple(expected)
+    spy = DraftRecorder()
+    moedec.generate(model, prompt, "prompt-lookup", max_tokens=24, num_draft=5, plugins=[spy])
+    first = spy.drafts[0]
+    assert (tuple(first.tokens) if first is not None else ()) == tuple(expected)
 
 
 def test_temperature_sampling_uses_deterministic_drafts():
     model = tiny_models()[1]
-    seen = []
-
-    class Spy:
-        @moedec.hookimpl(wrapper=True)
-        def draft(self, state):
-            d = yield
-            seen.append(d)
-            return d
-
+    spy = DraftRecorder()
     prompt = list(range(256)) + [9, 8, 7, 6] * 3  # every token has occurred: every step drafts
-    g1 = moedec.generate(model, prompt, "prompt-lookup", max_tokens=20, temperature=0.8, top_p=0.9, seed=3, plugins=[Spy()])
+    g1 = moedec.generate(model, prompt, "prompt-lookup", max_tokens=20, temperature=0.8, top_p=0.9, seed=3, plugins=[spy])
+    seen = spy.drafts
     g2 = moedec.generate(model, prompt, "prompt-lookup", max_tokens=20, temperature=0.8, top_p=0.9, seed=3)
     assert g1.tokens == g2.tokens and len(g1.tokens) == 20  # seeded: repeatable
     drafts = [d for d in seen if d is not None]
