@@ -35,7 +35,7 @@ from moedec.errors import MoedecError
 from .attention import patch_attention
 from .dense import patch_linears
 from .layer import patch_layers
-from .patching import patched_class, set_call
+from .patching import set_call
 
 KERNELS = ("auto", "stock", "fused")
 
@@ -121,10 +121,6 @@ def _moe_call(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.arra
         inds, scores = self.gate(x)
     shared = self.shared_experts if self.config.n_shared_experts is not None else None
     return self.switch_mlp(x, inds, scores=scores, shared=shared, residual=residual)
-
-
-def _fused_block_class(cls: type) -> type:
-    return patched_class(cls, _moe_call, "_moedec_fused_block")
 
 
 @functools.lru_cache(maxsize=None)

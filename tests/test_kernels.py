@@ -113,11 +113,12 @@ def test_patched_block_without_backend_equals_stock():
     switch) with no backend falls back to exactly mlx-lm's computation, and accounting still sees
     every routing."""
     from moedec.accounting import ExpertTrace
+    from moedec.kernels.patching import set_call
 
     block = _glm_block()
     x = mx.random.normal((1, 5, 128), key=mx.random.key(3))
     ref = block(x)
-    block.__class__ = kernels._fused_block_class(type(block))
+    set_call(block, kernels._moe_call, "_moedec_fused_block", True)  # the patched call, no backend
     block.switch_mlp.__class__ = kernels.DispatchingSwitchGLU
     with ExpertTrace(block, [("switch_mlp", block.switch_mlp)]) as trace:
         got = block(x)
