@@ -42,9 +42,9 @@ from mlx_lm.models.switch_layers import SwitchGLU
 import moedec
 from moedec import kernels
 from moedec.bench import mlx_lm_decode
-from moedec.testing import agreeing_prefix
 from moedec.kernels import fused, ops
 from moedec.synthetic import nbytes, synthetic_glm
+from moedec.testing import agreeing_prefix
 
 
 def timed(fn, reps: int) -> float:
