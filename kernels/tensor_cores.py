@@ -164,6 +164,28 @@ __device__ __forceinline__ void item_slice(const MStage<KS, S>& st, int sl, int 
   else
     slice_mma<KS, GROUP, 1, TABLE, X, S>(st, sl, xr, sx, acc);
 }
+
+// The sum-x table of T rows of GROUPS * GROUP inputs (row-major): out[t * GROUPS + g] = the sum of row
+// t's inputs in group g. 8 inputs per thread, then a sum over the GROUP / 8 lanes of a group: the same
+// order whatever T is. All threads of the block take part (the caller adds the barrier).
+template <int GROUP, int GROUPS, typename X>
+__device__ __forceinline__ void sum_x_table(const X* x, int T, float* out) {
+  constexpr int PARTS = GROUP / 8;
+  static_assert(PARTS <= 32 && THREADS % PARTS == 0, "a group's parts within one warp");
+  for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += THREADS) {
+    const int i = i0 + threadIdx.x;
+    float v = 0.f;
+    if (i < T * GROUPS * PARTS) {
+      float f[8];
+      load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v += f[q];
+    }
+#pragma unroll
+    for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(FULL, v, o);
+    if (i < T * GROUPS * PARTS && i % PARTS == 0) out[i / PARTS] = v;
+  }
+}
 """
 
 # The tensor-core kernels (4-bit weights, X bfloat16 or float16). Template: X, S, DIN, NOUT, KS (inputs per
@@ -204,22 +226,7 @@ GATE_UP_MMA = r"""
 
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  // the sum-x table: 8 inputs per thread, then a sum over the PARTS lanes of a group (token-independent order)
-  constexpr int PARTS = GROUP / 8;
-  static_assert(PARTS <= 32 && moedec::THREADS % PARTS == 0, "a group's parts within one warp");
-  for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += moedec::THREADS) {
-    const int i = i0 + threadIdx.x;
-    float v = 0.f;
-    if (i < T * GROUPS * PARTS) {
-      float f[8];
-      moedec::load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);  // token i / (GROUPS PARTS): row-major
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v += f[q];
-    }
-#pragma unroll
-    for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(moedec::FULL, v, o);
-    if (i < T * GROUPS * PARTS && i % PARTS == 0) s_sx[i / PARTS] = v;
-  }
+  moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
   __syncthreads();
 
   for (int it = first, k = 0; it < items; it += stride) {
@@ -380,20 +387,7 @@ DENSE_MMA = r"""
 
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  constexpr int PARTS = GROUP / 8;  // the sum-x table, as in GATE_UP_MMA
-  for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += moedec::THREADS) {
-    const int i = i0 + threadIdx.x;
-    float v = 0.f;
-    if (i < T * GROUPS * PARTS) {
-      float f[8];
-      moedec::load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);
-#pragma unroll
-      for (int q = 0; q < 8; ++q) v += f[q];
-    }
-#pragma unroll
-    for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(moedec::FULL, v, o);
-    if (i < T * GROUPS * PARTS && i % PARTS == 0) s_sx[i / PARTS] = v;
-  }
+  moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
   __syncthreads();
 
   if (live) {
