@@ -22,6 +22,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
+from .dense import quantized_matmul
 from .fused import _plan
 from .patching import set_call
 
@@ -41,13 +42,7 @@ class QKVPlan:
 
     def project(self, x: mx.array) -> mx.array:
         """``x [.., D] -> [.., Nq + 2 Nkv]``: what ``q_proj``, ``k_proj`` and ``v_proj`` give, side by side."""
-        from .dense import qlinear, why_not_dense
-
-        if why_not_dense(x, self.weight, self.scales, self.biases, self.bits, self.group_size, self.mode) is None:
-            y = qlinear(x, self.weight, self.scales, self.biases, self.group_size)  # the tensor-core kernel
-        else:
-            y = mx.quantized_matmul(x, self.weight, scales=self.scales, biases=self.biases, transpose=True,
-                                    group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = quantized_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
         return y if self.bias is None else y + self.bias
 
 

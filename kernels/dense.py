@@ -80,12 +80,20 @@ def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     return y
 
 
+def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array], group_size: int,
+                     bits: int, mode: str = "affine") -> mx.array:
+    """``mx.quantized_matmul(x, weight, scales, biases, transpose=True, ...)``: through :func:`qlinear`
+    where it fits, else MLX's."""
+    if why_not_dense(x, weight, scales, biases, bits, group_size, mode) is None:
+        return qlinear(x, weight, scales, biases, group_size)
+    return mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True, group_size=group_size,
+                               bits=bits, mode=mode)
+
+
 def _linear_call(self, x: mx.array) -> mx.array:
-    """``QuantizedLinear.__call__`` through :func:`qlinear` where it fits."""
-    if why_not_dense(x, self.weight, self.scales, self.get("biases"), self.bits, self.group_size,
-                     getattr(self, "mode", "affine")) is not None:
-        return self._moedec_stock_call(x)
-    y = qlinear(x, self.weight, self.scales, self["biases"], self.group_size)
+    """``QuantizedLinear.__call__`` through :func:`quantized_matmul`."""
+    y = quantized_matmul(x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
+                         getattr(self, "mode", "affine"))
     return y + self["bias"] if "bias" in self else y
 
 
