@@ -39,6 +39,19 @@ static void* dalloc(size_t bytes) { void* p; CK(cudaMalloc(&p, bytes)); return p
 static uint32_t* ru32(size_t n, unsigned seed) { auto p = (uint32_t*)dalloc(n * 4); fill_u32<<<1024, 256>>>(p, n, seed); return p; }
 static __nv_bfloat16* rbf(size_t n, unsigned seed, float lo, float hi) { auto p = (__nv_bfloat16*)dalloc(n * 2); fill_bf16<<<1024, 256>>>(p, n, seed, lo, hi); return p; }
 
+// max |y - ref| / max |ref| of the n bf16 values at device pointer y; ref becomes y first when it does
+// not hold n values (the first variant is the reference of the others).
+static double rel_diff(const void* y, size_t n, std::vector<float>& ref) {
+  std::vector<__nv_bfloat16> hy(n);
+  CK(cudaMemcpy(hy.data(), y, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> fy(n);
+  for (size_t i = 0; i < n; ++i) fy[i] = __bfloat162float(hy[i]);
+  if (ref.size() != n) ref = fy;
+  double md = 0, my = 0;
+  for (size_t i = 0; i < n; ++i) { md = std::max(md, (double)fabs(fy[i] - ref[i])); my = std::max(my, (double)fabs(ref[i])); }
+  return md / my;
+}
+
 int main(int argc, char** argv) {
   const int D = 4096, N = 1536, E = 77, K = 8, G = 64, BITS = 4, L = 8;
   int reps = argc > 1 ? atoi(argv[1]) : 64;
@@ -122,13 +135,7 @@ int main(int argc, char** argv) {
       // correctness on layer 0
       V.gate_up(cs[0], st); V.down(cs[0], st);
       CK(cudaStreamSynchronize(st)); CK(cudaGetLastError());
-      std::vector<__nv_bfloat16> hy(T * D);
-      CK(cudaMemcpy(hy.data(), y, T * D * 2, cudaMemcpyDeviceToHost));
-      std::vector<float> fy(T * D);
-      for (int i = 0; i < T * D; ++i) fy[i] = __bfloat162float(hy[i]);
-      if (ref.size() != fy.size()) ref = fy;
-      double md = 0, my = 0;
-      for (int i = 0; i < T * D; ++i) { md = std::max(md, (double)fabs(fy[i] - ref[i])); my = std::max(my, (double)fabs(ref[i])); }
+      const double dy = rel_diff(y, (size_t)T * D, ref);
       double t3[3];
       for (int mode = 0; mode < 3; ++mode) {
         for (int w = 0; w < 2 * L; ++w) { if (mode != 1) V.gate_up(cs[w % L], st); if (mode != 0) V.down(cs[w % L], st); }
@@ -140,7 +147,7 @@ int main(int argc, char** argv) {
       CK(cudaGetLastError());
       auto pct = [&](double bytes, double us) { return 100.0 * bytes / (us * 1e-6) / 1e9 / bw; };
       printf("  %-8s %9.1f %6.1f %9.1f %6.1f %9.1f %6.1f  %.2e\n", V.name, t3[0], pct(slots * gu_bytes, t3[0]), t3[1],
-             pct(slots * dn_bytes, t3[1]), t3[2], pct(slots * (gu_bytes + dn_bytes), t3[2]), md / my);
+             pct(slots * dn_bytes, t3[1]), t3[2], pct(slots * (gu_bytes + dn_bytes), t3[2]), dy);
     }
   }
 
@@ -166,19 +173,13 @@ int main(int argc, char** argv) {
         for (auto& a : ws) a.T = T;
         DENSE[v].run(ws[0], st);
         CK(cudaStreamSynchronize(st)); CK(cudaGetLastError());
-        std::vector<__nv_bfloat16> hy((size_t)T * nout);
-        CK(cudaMemcpy(hy.data(), ws[0].y, hy.size() * 2, cudaMemcpyDeviceToHost));
-        if (ref_d.empty()) for (auto h : hy) ref_d.push_back(__bfloat162float(h));
-        double md = 0, my = 0;
-        for (size_t i = 0; i < hy.size(); ++i) {
-          md = std::max(md, (double)fabs(__bfloat162float(hy[i]) - ref_d[i])); my = std::max(my, (double)fabs(ref_d[i]));
-        }
+        const double dy = rel_diff(ws[0].y, (size_t)T * nout, ref_d);
         for (int w = 0; w < 2 * L; ++w) DENSE[v].run(ws[w % L], st);
         CK(cudaEventRecord(e0, st));
         for (int i = 0; i < reps; ++i) DENSE[v].run(ws[i % L], st);
         CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
         const double us = ms * 1e3 / reps;
-        printf("   split %d %6.1f us %5.1f %% (%.0e)", DENSE[v].split, us, 100.0 * bytes / (us * 1e-6) / 1e9 / bw, md / my);
+        printf("   split %d %6.1f us %5.1f %% (%.0e)", DENSE[v].split, us, 100.0 * bytes / (us * 1e-6) / 1e9 / bw, dy);
       }
       printf("\n");
     }
