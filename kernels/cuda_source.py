@@ -84,6 +84,15 @@ template <int N>  // 4, 8 or 16 bytes
 __device__ __forceinline__ void cp_small_or_16(void* dst, const void* src) {
   if (N == 16) cp16(dst, src); else cp_small<N == 16 ? 8 : N>(dst, src);
 }
+__device__ __forceinline__ unsigned long long evict_first_policy() {  // for bytes read once, now
+  unsigned long long p;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+  return p;
+}
+__device__ __forceinline__ void cp16_once(void* dst, const void* src, unsigned long long policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "l"(policy)
+               : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }

@@ -68,7 +68,7 @@ struct MStage {
 // a row's scales of one slice are SB bytes, copied in units of up to 16 bytes).
 template <int KS, int GROUP, int WORDS, int GROUPS, typename S>
 __device__ __forceinline__ void queue_slice(MStage<KS, S>& st, const uint32_t* w0, const uint32_t* w1, const S* sc0,
-                                            const S* sc1, const S* bi0, const S* bi1, int sl) {
+                                            const S* sc1, const S* bi0, const S* bi1, int sl, unsigned long long once) {
   constexpr int CH = KS / 32, NG = KS / GROUP, SB = NG * (int)sizeof(S), UNIT = SB < 16 ? SB : 16, UPR = SB / UNIT;
   static_assert(CH == 8 || CH == 16, "slices of 256 or 512 inputs");
   const int lane = threadIdx.x & 31;
@@ -76,7 +76,7 @@ __device__ __forceinline__ void queue_slice(MStage<KS, S>& st, const uint32_t* w
   for (int i = 0; i < CH / 2; ++i) {  // 32 / CH rows per pass, CH chunks each
     const int r = i * (32 / CH) + lane / CH, j = lane % CH;
     const uint32_t* w = i < CH / 4 ? w0 : w1;  // r < 8 exactly when i < CH / 4
-    cp16(&st.q[r][j ^ (r & 7)], reinterpret_cast<const uint4*>(w + (r & 7) * WORDS) + sl * CH + j);
+    cp16_once(&st.q[r][j ^ (r & 7)], reinterpret_cast<const uint4*>(w + (r & 7) * WORDS) + sl * CH + j, once);
   }
   for (int idx = lane; idx < 16 * UPR; idx += 32) {
     const int r = idx / UPR, u = idx % UPR;
@@ -210,6 +210,7 @@ GATE_UP_MMA = r"""
   // all blocks (so over all SMs) before any block's warps take a second round
   const int stride = gridDim.x * moedec::WARPS, first = warp * gridDim.x + blockIdx.x;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
+  const unsigned long long once = moedec::evict_first_policy();  // weights are read once
 
   auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice k % SLICES of its (k / SLICES)-th item
     const int it = first + (k / SLICES) * stride;
@@ -219,7 +220,7 @@ GATE_UP_MMA = r"""
       const size_t row = shared ? (size_t)n0 : (size_t)s.expert[slot] * NOUT + n0;  // rows 0..7 gate, 8..15 up
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(
           st, (shared ? hg : wg) + row * WORDS, (shared ? hu : wu) + row * WORDS, (shared ? hsg : sg) + row * GROUPS,
-          (shared ? hsu : su) + row * GROUPS, (shared ? hbg : bg) + row * GROUPS, (shared ? hbu : bu) + row * GROUPS, k % SLICES);
+          (shared ? hsu : su) + row * GROUPS, (shared ? hbg : bg) + row * GROUPS, (shared ? hbu : bu) + row * GROUPS, k % SLICES, once);
     }
     moedec::cp_commit();
   };
@@ -291,6 +292,7 @@ DOWN_MMA = r"""
   const int d0 = blockIdx.x * ROWS;
   const int items = (s.n + (SHARED ? 1 : 0)) * RG * KH;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
+  const unsigned long long once = moedec::evict_first_policy();  // weights are read once
 
   auto queue = [&](int k, St& st) {
     const int it = warp + (k / SH) * moedec::WARPS;
@@ -302,7 +304,7 @@ DOWN_MMA = r"""
       const S* sc = (shared ? hsd : sd) + row * GROUPS;
       const S* bi = (shared ? hbd : bd) + row * GROUPS;
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(st, w, w + 8 * WORDS, sc, sc + 8 * GROUPS, bi, bi + 8 * GROUPS,
-                                                       it % KH * SH + k % SH);
+                                                       it % KH * SH + k % SH, once);
     }
     moedec::cp_commit();
   };
@@ -373,6 +375,7 @@ DENSE_MMA = r"""
   const int tile = warp / SPLIT, part = warp % SPLIT, r0 = (blockIdx.x * TILES + tile) * 16;
   const bool live = r0 < NOUT;  // the last block may have fewer tiles
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
+  const unsigned long long once = moedec::evict_first_policy();  // weights are read once
 
   auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice part * SP + k of its tile
     if (live && k < SP) {
@@ -380,7 +383,7 @@ DENSE_MMA = r"""
       const S* s0 = sc + (size_t)r0 * GROUPS;
       const S* b0 = bi + (size_t)r0 * GROUPS;
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(st, w0, w0 + 8 * WORDS, s0, s0 + 8 * GROUPS, b0,
-                                                       b0 + 8 * GROUPS, part * SP + k);
+                                                       b0 + 8 * GROUPS, part * SP + k, once);
     }
     moedec::cp_commit();
   };
