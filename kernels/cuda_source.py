@@ -113,6 +113,17 @@ struct Slots {
   int n;                // slots: distinct experts
 };
 
+// The expert of slot u, known before build_slots when u < K and token 0's K experts are distinct
+// (build_slots numbers slots in pair order, so they are slots 0..K-1), else -1. Warp-uniform.
+template <typename I>
+__device__ __forceinline__ int early_expert(const I* inds, int K, int u) {
+  const int lane = threadIdx.x & 31;
+  const int e = lane < K ? (int)inds[lane] : -1 - lane;  // lanes past K: a value no other lane has
+  const bool repeats = __any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1);
+  const int eu = __shfl_sync(FULL, e, u & 31);
+  return K > 32 || u >= K || repeats ? -1 : eu;
+}
+
 // Needs blockDim.x == THREADS and P <= MAXP, E <= MAXE. Ends with a barrier.
 template <typename I>
 __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {

@@ -203,21 +203,22 @@ GATE_UP_MMA = r"""
   for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
   const int K = inds_shape[inds_ndim - 1];
   const int P = T * K;
-  moedec::build_slots(inds, P, K, wg_shape[0], s);
-  const int tiles = NOUT / 8, items = (s.n + meta[0]) * tiles;
+  constexpr int tiles = NOUT / 8;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   // warp w of block b takes items w * blocks + b, then every total-warps-th: the items spread over
   // all blocks (so over all SMs) before any block's warps take a second round
   const int stride = gridDim.x * moedec::WARPS, first = warp * gridDim.x + blockIdx.x;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
+  const int early = moedec::early_expert(inds, K, first / tiles);  // the first item's expert, if known already
+  int items = early >= 0 ? first + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice k % SLICES of its (k / SLICES)-th item
     const int it = first + (k / SLICES) * stride;
     if (it < items) {
       const int slot = it / tiles, n0 = (it % tiles) * 8;
-      const bool shared = slot == s.n;
-      const size_t row = shared ? (size_t)n0 : (size_t)s.expert[slot] * NOUT + n0;  // rows 0..7 gate, 8..15 up
+      const bool known = early >= 0 && it == first, shared = !known && slot == s.n;
+      const size_t row = shared ? (size_t)n0 : (size_t)(known ? early : s.expert[slot]) * NOUT + n0;  // rows 0..7 gate, 8..15 up
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(
           st, (shared ? hg : wg) + row * WORDS, (shared ? hu : wu) + row * WORDS, (shared ? hsg : sg) + row * GROUPS,
           (shared ? hsu : su) + row * GROUPS, (shared ? hbg : bg) + row * GROUPS, (shared ? hbu : bu) + row * GROUPS, k % SLICES, once);
@@ -225,8 +226,15 @@ GATE_UP_MMA = r"""
     moedec::cp_commit();
   };
 
+  static_assert(STAGES <= SLICES, "the ring's first slices are the first item's");
+  if (early >= 0)  // the first slices stream while every block builds its slot table
 #pragma unroll
-  for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+    for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+  moedec::build_slots(inds, P, K, wg_shape[0], s);
+  items = (s.n + meta[0]) * tiles;
+  if (early < 0)
+#pragma unroll
+    for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
   __syncthreads();
 
@@ -286,20 +294,20 @@ DOWN_MMA = r"""
   int P = 1;
   for (int i = 0; i < inds_ndim; ++i) P *= inds_shape[i];
   const int T = P / K;
-  moedec::build_slots(inds, P, K, wd_shape[0], s);
   const bool SHARED = meta[0] != 0, PER_PAIR = meta[1] != 0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const int d0 = blockIdx.x * ROWS;
-  const int items = (s.n + (SHARED ? 1 : 0)) * RG * KH;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
+  const int early = moedec::early_expert(inds, K, warp / (RG * KH));  // the first item's expert, if known already
+  int items = early >= 0 ? warp + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {
     const int it = warp + (k / SH) * moedec::WARPS;
     if (it < items) {
       const int u = it / (RG * KH), r0 = (it / KH % RG) * 16;
-      const bool shared = u == s.n;
-      const size_t row = (shared ? 0 : (size_t)s.expert[u] * NOUT) + d0 + r0;  // 16 consecutive rows
+      const bool known = early >= 0 && it == warp, shared = !known && u == s.n;
+      const size_t row = (shared ? 0 : (size_t)(known ? early : s.expert[u]) * NOUT) + d0 + r0;  // 16 consecutive rows
       const uint32_t* w = (shared ? hd : wd) + row * WORDS;
       const S* sc = (shared ? hsd : sd) + row * GROUPS;
       const S* bi = (shared ? hbd : bd) + row * GROUPS;
@@ -309,8 +317,15 @@ DOWN_MMA = r"""
     moedec::cp_commit();
   };
 
+  static_assert(STAGES <= SH, "the ring's first slices are the first item's");
+  if (early >= 0)  // the first slices stream while every block builds its slot table
 #pragma unroll
-  for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+    for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+  moedec::build_slots(inds, P, K, wd_shape[0], s);
+  items = (s.n + (SHARED ? 1 : 0)) * RG * KH;
+  if (early < 0)
+#pragma unroll
+    for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   for (int it = warp, k = 0; it < items; it += moedec::WARPS) {
     const int u = it / (RG * KH), r0 = (it / KH % RG) * 16, part = it % KH;
     const bool shared = u == s.n;
