@@ -81,6 +81,7 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
     dtypes = kernel_dtypes(x_dtype)
     bf16 = mx.bfloat16
     ek = fused.expert_kernels(x_dtype, bf16, bits, d, n, group)
+    many = fused.expert_kernels(x_dtype, bf16, bits, d, n, group, tokens=fused.MAX_TOKENS)  # the widest forward's ring
     dense = {}
     if bits == 4 and x_dtype != mx.float32:  # the dense kernel over rows of d inputs (weights of x's dtype)
         template, smem = dense_kernel(x_dtype, d, n, group)
@@ -89,6 +90,8 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
     return {
         **dense,
         "gate_up": (kernel_source(ek.gate_up_name, ek.gate_up, dtypes), ek.gate_up_smem),
+        **({"gate_up_many": (kernel_source(many.gate_up_name, many.gate_up, dtypes), many.gate_up_smem)}
+           if many.gate_up != ek.gate_up else {}),
         "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
         "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),
         **{name: (kernel_source(name, tpl, dtypes), 0) for name, tpl in

@@ -210,7 +210,8 @@ GATE_UP_MMA = r"""
   const int stride = gridDim.x * moedec::WARPS, first = warp * gridDim.x + blockIdx.x;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
-  const int early = moedec::early_expert(inds, K, first / tiles);  // the first item's expert, if known already
+  // the first item's expert, if known already (and the ring's first slices all its own)
+  const int early = STAGES - 1 <= SLICES ? moedec::early_expert(inds, K, first / tiles) : -1;
   int items = early >= 0 ? first + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice k % SLICES of its (k / SLICES)-th item
@@ -226,7 +227,6 @@ GATE_UP_MMA = r"""
     moedec::cp_commit();
   };
 
-  static_assert(STAGES <= SLICES, "the ring's first slices are the first item's");
   if (early >= 0)  // the first slices stream while every block builds its slot table
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
@@ -299,7 +299,8 @@ DOWN_MMA = r"""
   const int d0 = blockIdx.x * ROWS;
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
-  const int early = moedec::early_expert(inds, K, warp / (RG * KH));  // the first item's expert, if known already
+  // the first item's expert, if known already (and the ring's first slices all its own)
+  const int early = STAGES - 1 <= SH ? moedec::early_expert(inds, K, warp / (RG * KH)) : -1;
   int items = early >= 0 ? warp + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {
@@ -317,7 +318,6 @@ DOWN_MMA = r"""
     moedec::cp_commit();
   };
 
-  static_assert(STAGES <= SH, "the ring's first slices are the first item's");
   if (early >= 0)  // the first slices stream while every block builds its slot table
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);

@@ -340,13 +340,20 @@ def test_expert_kernel_choice_and_shared_memory(bits, group, d, n, dtype, path):
     the budget."""
     from moedec.kernels import fused
 
-    ek = fused.expert_kernels(getattr(mx, dtype), mx.bfloat16, bits, d, n, group)
-    assert (ek.gate_up_name, ek.down_name) == ("gate_up" + path, "down" + path)
-    assert ek.fits
-    for smem in (ek.gate_up_smem, ek.down_smem):
-        assert fused.OPT_IN <= smem <= max(fused.SMEM_BUDGET, fused.OPT_IN)
-    if path:
-        assert dict(ek.gate_up)["GROUP"] == group and d % dict(ek.gate_up)["KS"] == 0 and n % dict(ek.down)["KS"] == 0
+    rings = set()
+    for tokens in range(1, fused.MAX_TOKENS + 1):
+        ek = fused.expert_kernels(getattr(mx, dtype), mx.bfloat16, bits, d, n, group, tokens)
+        assert (ek.gate_up_name, ek.down_name) == ("gate_up" + path, "down" + path)
+        assert ek.fits
+        for smem in (ek.gate_up_smem, ek.down_smem):
+            assert fused.OPT_IN <= smem <= max(fused.SMEM_BUDGET, fused.OPT_IN)
+        if path:
+            gate_up = dict(ek.gate_up)
+            assert gate_up["GROUP"] == group and d % gate_up["KS"] == 0 and n % dict(ek.down)["KS"] == 0
+            ring = max(r for r in fused.GATE_UP_RING if r[0] <= tokens)  # the ring row for this many tokens
+            assert (gate_up["KS"], gate_up["STAGES"]) == ring[1:]
+            rings.add(ring)
+    assert not path or rings == set(fused.GATE_UP_RING)
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")

@@ -77,16 +77,24 @@ def variant(prefix: str, rev: str | None) -> str:
         for name, code in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
             i, o, _, head = fused.SIGNATURES[name]
             fused.SIGNATURES[name] = (i, o, code, head.replace(now.TENSOR_CORES, src.TENSOR_CORES))
-        ek = fused.expert_kernels(mx.bfloat16, mx.bfloat16, BITS, D, N, GROUP)
+        # one gate/up kernel per row of GATE_UP_RING (the ring follows the token count), as fused_moe picks them
+        rings = {t: fused.expert_kernels(mx.bfloat16, mx.bfloat16, BITS, D, N, GROUP, t) for t, *_ in fused.GATE_UP_RING}
+        ek = rings[1]
         if ek.gate_up_name != "gate_up_mma":
             raise SystemExit("these shapes do not take the tensor-core kernels")
-        tu1, a1 = kernel_tu(ek.gate_up_name, prefix, ek.gate_up)
+        gate_ups = {t: kernel_tu(e.gate_up_name, f"{prefix}{t}", e.gate_up) for t, e in rings.items()}
         tu2, a2 = kernel_tu(ek.down_name, prefix, ek.down)
     finally:
         fused.SIGNATURES.clear()
         fused.SIGNATURES.update(saved)
-    gu, dn = f"mlx::core::cu::{prefix}_{ek.gate_up_name}", f"mlx::core::cu::{prefix}_{ek.down_name}"
-    return (tu1 + "\n" + body(tu2) + PRELUDE + launcher(f"{prefix}_gate_up", gu, ek.gate_up_smem, str(fused.GATE_UP_BLOCKS), a1)
+    tus = [tu for tu, _ in gate_ups.values()]
+    code = tus[0] + "".join("\n" + body(tu) for tu in tus[1:]) + "\n" + body(tu2) + PRELUDE
+    for t, (_, args) in gate_ups.items():
+        code += launcher(f"{prefix}_gate_up{t}", f"mlx::core::cu::{prefix}{t}_{ek.gate_up_name}", rings[t].gate_up_smem,
+                         str(fused.GATE_UP_BLOCKS), args)
+    pick = "".join(f"  if (a.T >= {t}) return {prefix}_gate_up{t}(a, st);\n" for t in sorted(rings, reverse=True))
+    dn = f"mlx::core::cu::{prefix}_{ek.down_name}"
+    return (code + f'extern "C" void {prefix}_gate_up(const Args& a, cudaStream_t st) {{\n{pick}}}\n'
             + launcher(f"{prefix}_down", dn, ek.down_smem, f"(a.D + {fused.ROWS - 1}) / {fused.ROWS}", a2))
 
 
