@@ -227,7 +227,7 @@ def test_fused_token_results_do_not_depend_on_the_other_tokens(n):
 def test_fused_router_is_a_top_k_of_the_gate(n_group, topk_group):
     """Same experts as mlx-lm's gate up to near-ties, and weights that are exactly the normalised,
     scaled sigmoid scores of the experts chosen."""
-    from moedec.kernels.fused import fused_router
+    from moedec.kernels.router import fused_router
 
     block = _glm_block(bits=None, dtype=mx.bfloat16, n_group=n_group, topk_group=topk_group)
     gate = block.gate
@@ -424,6 +424,8 @@ def test_kernel_harness_builds(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "work (working tree): Used" in run.stdout
     source = (tmp_path / "work.cu").read_text()
-    assert "work_gate_up_mma(" in source and "work_down_mma(" in source
+    from moedec.kernels.fused import GATE_UP_RING
+
+    assert all(f"work{t}_gate_up_mma(" in source for t, *_ in GATE_UP_RING) and "work_down_mma(" in source
     assert "dense_qkv_s4_dense_mma(" in (tmp_path / "dense.cu").read_text()
     assert (tmp_path / "harness").stat().st_size > 0
