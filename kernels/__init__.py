@@ -63,10 +63,10 @@ AUTO_BACKENDS: frozenset[str] = frozenset({"cuda"})
 
 
 def _register_cuda() -> None:
-    from . import fused, ops
+    from . import fused, ops, router
 
     BACKENDS["cuda"] = Backend(fused.why_not_fused, fused.fused_switch_glu, fused.fused_moe,
-                               fused.why_not_shared, fused.why_not_router, fused.fused_router,
+                               fused.why_not_shared, router.why_not_router, router.fused_router,
                                ops.why_not_add_norm, ops.add_rms_norm)
 
 

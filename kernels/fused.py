@@ -1,15 +1,14 @@
-"""The fused MoE block on MLX's CUDA backend (``mx.fast.cuda_kernel``; sources in ``cuda_source``,
+"""The fused MoE experts on MLX's CUDA backend (``mx.fast.cuda_kernel``; sources in ``cuda_source``,
 ``tensor_cores`` and ``cuda_cores``).
 
-* :func:`fused_router`: mlx-lm's ``noaux_tc`` gate in two kernels (logits, then the selection) ->
-  ``(inds [.., K] int32, scores [.., K] float32)``.
 * :func:`fused_moe`: ``sum_k scores[.., k] * expert_k(x) (+ shared(x))`` in two kernels, each
   active expert's weights read once per forward however many tokens route to it.
 * :func:`fused_switch_glu`: ``SwitchGLU(x, indices) -> [.., K, D]`` through the same kernels (every
   (token, expert) pair's output, no combine).
 
-The smaller ops beside them (add + RMSNorm, decode attention, copy, spin) are in :mod:`.ops`; every
-kernel's signature is in :data:`SIGNATURES` here.
+The router is in :mod:`.router`, the dense layers' kernel in :mod:`.dense`, the smaller ops (add +
+RMSNorm, decode attention, copy, spin) in :mod:`.ops`; every kernel's signature is in
+:data:`SIGNATURES` here.
 
 Each ``why_not_*`` returns ``None`` when the kernel can run the call, else the reason it cannot;
 callers fall back to mlx-lm's stock path.
@@ -23,8 +22,10 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .cuda_source import ADD_NORM, ASYNC, ATTENTION, BASE, COPY, ROUTER_LOGITS, ROUTER_SELECT, SLOTS, SPIN, header
-from .tensor_cores import DENSE_MMA, DOWN_MMA, GATE_UP_MMA
+from .cuda_source import ADD_NORM, ASYNC, ATTENTION, BASE, COPY, SLOTS, SPIN, header
+from .dense_source import DENSE_MMA
+from .router_source import ROUTER_LOGITS, ROUTER_SELECT
+from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
 THREADS = 256  # 8 warps; also the most (token, expert) pairs one forward may have
@@ -40,7 +41,6 @@ TENSOR_CORES = True  # else every expert layer runs on the CUDA-core kernels
 # narrower slices in a deeper ring measured 1.06-1.25x faster (H200, T = 4..16) and 2-6 % slower at T = 1, 2.
 GATE_UP_RING = ((1, 512, 2), (4, 256, 3))
 DOWN_SLICE, DOWN_STAGES = 256, 2
-ROUTER_WARPS = 4  # warps per block of the router's logits kernel (one per (token, expert))
 GATE_UP_BLOCKS = 264  # blocks of the gate/up kernels (two per SM of an H100/H200); warps stride over the items
 # The CUDA-core kernels (8-bit experts or float32 activations).
 RT_GATE_UP = 1  # expert rows n per warp item of the gate/up kernel (each a gate and an up row)
@@ -331,69 +331,6 @@ def fused_switch_glu(switch, x: mx.array, indices: mx.array) -> mx.array:
     return y.reshape(*indices.shape, d)
 
 
-# -- router ----------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _noaux_gates() -> tuple[type, ...]:
-    from mlx_lm.models import deepseek_v3, glm4_moe
-
-    return glm4_moe.MoEGate, deepseek_v3.MoEGate
-
-
-@attrs.frozen
-class _GatePlan:
-    reason: str | None
-    inputs: tuple = ()  # weight, correction bias, scaling factor
-    spec: tuple = ()  # router_templates' arguments after x's dtype
-
-    @property
-    def width(self) -> int:
-        return self.spec[2]
-
-    @property
-    def top_k(self) -> int:
-        return self.spec[4]
-
-
-@functools.lru_cache(maxsize=64)
-def router_templates(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
-                     top_groups: int, norm: bool) -> tuple[list, list]:
-    """Template arguments of the router's logits and select kernels (what
-    :mod:`moedec.kernels.resources` compiles too)."""
-    logit = x_dtype if x_dtype == w_dtype else mx.float32  # dtype of mlx-lm's x @ w.T
-    return ([("X", x_dtype), ("R", logit), ("W", w_dtype), ("DIN", d), ("NE", experts)],
-            [("B", bias_dtype), ("NE", experts), ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm)])
-
-
-def _gate_plan(gate) -> _GatePlan:
-    if not isinstance(gate, _noaux_gates()) or type(gate).__call__ not in {c.__call__ for c in _noaux_gates()}:
-        return _GatePlan("not mlx-lm's noaux_tc MoE gate")
-    w, bias = gate.weight, gate.e_score_correction_bias
-    if "scales" in gate or w.ndim != 2 or w.dtype not in FLOATS or bias.dtype not in FLOATS:
-        return _GatePlan("router weight must be a plain float matrix")
-    e, d = w.shape
-    k, ng, tg = gate.top_k, gate.n_group, gate.topk_group
-    if e > MAX_EXPERTS or not 1 <= k <= min(32, e):
-        return _GatePlan(f"at most {MAX_EXPERTS} experts and 1 <= top_k <= 32")
-    if not 1 <= ng <= 64 or e % ng or not 1 <= tg <= ng:
-        return _GatePlan("unsupported expert grouping")
-    if d % 8:
-        return _GatePlan("the hidden width must be a multiple of 8")
-    spec = (w.dtype, bias.dtype, d, e, k, ng, tg, bool(gate.norm_topk_prob))
-    return _GatePlan(None, (w, bias, _scalar(float(gate.routed_scaling_factor))), spec)
-
-
-def why_not_router(gate, x: mx.array) -> str | None:
-    """``None`` if :func:`fused_router` can compute this gate's routing of ``x``, else why not."""
-    plan = _plan(gate, _gate_plan)
-    if plan.reason:
-        return plan.reason
-    if x.shape[-1] != plan.width or x.dtype not in FLOATS:
-        return "activations must be float, as wide as the router"
-    return None
-
-
 @functools.lru_cache(maxsize=64)
 def _scalar(v: float) -> mx.array:
     return mx.array([v], mx.float32)
@@ -409,21 +346,3 @@ def _meta(shared: bool, per_pair: bool, residual: bool = False) -> mx.array:
 @functools.lru_cache(maxsize=16)
 def _ones(shape: tuple) -> mx.array:
     return mx.ones(shape, mx.float32)
-
-
-def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
-    """mlx-lm's ``MoEGate(x)`` in two kernels: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``."""
-    plan = _plan(gate, _gate_plan)
-    w, bias, rsf = plan.inputs
-    experts, tokens = w.shape[0], x.size // plan.width
-    logits_t, select_t = router_templates(x.dtype, *plan.spec)
-    (logits,) = _kernel("router_logits")(
-        inputs=[x, w], template=logits_t,
-        grid=(-(-tokens * experts // ROUTER_WARPS) * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
-        output_shapes=[(tokens, experts)], output_dtypes=[mx.float32],
-    )  # [T, E]: one warp per logit
-    inds, scores = _kernel("router_select")(
-        inputs=[logits, bias, rsf], template=select_t, grid=(tokens * 32, 1, 1), threadgroup=(32, 1, 1),
-        output_shapes=[(*x.shape[:-1], plan.top_k)] * 2, output_dtypes=[mx.int32, mx.float32],
-    )  # one warp per token
-    return inds, scores

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from . import fused
 from .dense import dense_kernel
+from .router import router_templates
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
               "uint32": "uint32_t"}
@@ -96,7 +97,7 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
         "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),
         **{name: (kernel_source(name, tpl, dtypes), 0) for name, tpl in
            zip(("router_logits", "router_select"),
-               fused.router_templates(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True))},
+               router_templates(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True))},
     }
 
 
