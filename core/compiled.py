@@ -11,8 +11,10 @@ The copies are written back into the engine's cache when decoding ends, so the c
 the one the uncompiled path leaves.
 
 On CUDA the step's attention is moedec's decode-attention kernel, which reads the valid length
-from the offset array (MLX's fused attention takes no mask there), and the new position is written
-with a select rather than a dynamic-offset update (which costs two extra kernels per cache array).
+from the offset array (MLX's fused attention takes no mask there) and, with :data:`FUSED_CACHE_WRITE`,
+writes the new position into the layer's cache in the same kernel. Elsewhere (and for any attention
+call the kernel cannot take) the new position is written with a select rather than a dynamic-offset
+update (which costs two extra kernels per cache array).
 
 The step is traced under :func:`moedec.kernels.joined` (GLM-4.x attention and decoder layers in
 fewer kernels). On by default with MLX's CUDA backend, where it measured 1.14-1.37x the plain fused
@@ -37,6 +39,9 @@ from .errors import MoedecError
 COMPILABLE = frozenset({"glm4_moe", "qwen3_moe", "mixtral"})
 
 CHUNK = 256  # positions added when the fixed-capacity cache is full
+#: On CUDA, the decode-attention kernel also writes the new key and value into the cache (one kernel
+#: per layer instead of the attention and two cache-wide selects).
+FUSED_CACHE_WRITE = True
 
 
 def why_not_compiled(model: Any, cache: list) -> Optional[str]:
@@ -57,23 +62,38 @@ class StaticKVCache:
         self.state = {"keys": keys, "values": values}
         self.pos = pos
         self.shared = {} if shared is None else shared  # per-step arrays every layer uses (not state)
+        self.defer = False  # leave a one-token write to the attention call (set while tracing on CUDA)
+        self.pending: Optional[tuple] = None  # (keys, values) [B, H, 1, D] of a deferred write
 
     @property
     def offset(self) -> mx.array:
         return self.pos["offset"]
 
     def update_and_fetch(self, keys, values):
-        if keys.shape[2] == 1:  # a select over the buffer: no dynamic-offset copy and offset kernels
-            at = self.shared.get("at")  # one position mask per step, not one per layer
-            if at is None:
-                at = self.shared["at"] = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
-            self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
-            self.state["values"] = mx.where(at, values, self.state["values"])
+        if keys.shape[2] == 1:
+            if self.defer:  # the attention call writes it (see _decode_attention): hand back the cache as it is
+                self.pending = (keys, values)
+                return self.state["keys"], self.state["values"]
+            self._select(keys, values)
         else:
             start = self.pos["offset"].reshape(1)
             self.state["keys"] = mx.slice_update(self.state["keys"], keys, start, axes=(2,))
             self.state["values"] = mx.slice_update(self.state["values"], values, start, axes=(2,))
         return self.state["keys"], self.state["values"]  # all C positions; the mask hides the rest
+
+    def _select(self, keys, values) -> None:
+        """Write one position with a select over the buffer (no dynamic-offset copy and offset kernels)."""
+        at = self.shared.get("at")  # one position mask per step, not one per layer
+        if at is None:
+            at = self.shared["at"] = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
+        self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
+        self.state["values"] = mx.where(at, values, self.state["values"])
+
+    def write_pending(self) -> None:
+        """Write a deferred position now (an attention call that the kernel does not take)."""
+        keys, values = self.pending
+        self.pending = None
+        self._select(keys, values)
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None:
@@ -83,11 +103,12 @@ class StaticKVCache:
 
 
 @contextlib.contextmanager
-def _decode_attention(model: Any):
+def _decode_attention(model: Any, layers: list):
     """While the step is traced on CUDA: the architecture's attention over a :class:`StaticKVCache`
     goes to moedec's decode-attention kernel, which reads the valid length from the offset array
     (MLX's fused attention takes no mask on CUDA; with the padding mask it falls back to several
-    kernels per layer)."""
+    kernels per layer), and with :data:`FUSED_CACHE_WRITE` the layers' one-token cache writes are
+    left to it (``layers``' ``defer``)."""
     from moedec import kernels
 
     module = importlib.import_module(f"mlx_lm.models.{model.args.model_type}")
@@ -95,18 +116,32 @@ def _decode_attention(model: Any):
     if kernels.device_backend() != "cuda" or stock is None:
         yield
         return
-    from moedec.kernels.ops import decode_attention, why_not_decode_attention
+    from moedec.kernels.ops import decode_attention, decode_attention_write, why_not_decode_attention
 
     def attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if isinstance(cache, StaticKVCache) and sinks is None and why_not_decode_attention(queries, keys) is None:
-            return decode_attention(queries, keys, values, cache.offset, scale)
+        if isinstance(cache, StaticKVCache):
+            fits = sinks is None and why_not_decode_attention(queries, keys) is None
+            if cache.pending is not None:
+                if fits:
+                    (new_keys, new_values), cache.pending = cache.pending, None
+                    out, cache.state["keys"], cache.state["values"] = decode_attention_write(
+                        queries, keys, values, new_keys, new_values, cache.offset, scale)
+                    return out
+                cache.write_pending()
+                keys, values = cache.state["keys"], cache.state["values"]
+            if fits:
+                return decode_attention(queries, keys, values, cache.offset, scale)
         return stock(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     module.scaled_dot_product_attention = attention
+    for c in layers:
+        c.defer = FUSED_CACHE_WRITE
     try:
         yield
     finally:
         module.scaled_dot_product_attention = stock
+        for c in layers:
+            c.defer = False
 
 
 def _padded(a: mx.array, length: int, capacity: int) -> mx.array:
@@ -141,6 +176,8 @@ class CompiledSteps:
         def step(tokens):
             shared.clear()
             logits = model(tokens, cache=layers)[:, -1, :]  # [1, V]
+            if any(c.pending is not None for c in layers):
+                raise MoedecError("a layer's deferred cache write was not taken by its attention call")
             pos["offset"] = pos["offset"] + tokens.shape[1]
             shared.clear()  # no traced arrays kept past the trace
             return logits
@@ -159,11 +196,12 @@ class CompiledSteps:
             pos = self.layers[0].pos
             saved = [dict(c.state) for c in self.layers], pos["offset"]
             try:
-                with _decode_attention(self.model), kernels.joined(self.model):
+                with _decode_attention(self.model, self.layers), kernels.joined(self.model):
                     logits = self._step(tokens)
             except Exception:
                 for c, state in zip(self.layers, saved[0]):
                     c.state.update(state)
+                    c.pending = None
                 pos["offset"] = saved[1]
                 raise
             self._traced = True

@@ -208,15 +208,22 @@ def header(*parts: str) -> str:
 # (batch, head); warp w takes positions in runs of U (runs w, w + NW, ..): it loads the run's U keys and
 # values at once (independent loads in flight together), sums the U scores across lanes, and folds the
 # run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
+# ATTENTION_WRITE (the same body with WRITE): the new token's key and value come as kn, vn [B, HKV, 1, D]
+# (the cache holds positions 0..offset-1), and the blocks of each key/value head's first query head
+# write positions 0..offset of the new cache kc, vc [B, HKV, C, D] (the rest stays unwritten: no
+# step reads past its offset): one kernel instead of two cache-wide selects per layer.
 ATTENTION = r"""
   constexpr int EPL = D / 32, U = 8;
   struct alignas(sizeof(X) * EPL) Row { X v[EPL]; };  // a lane's EPL elements of one key or value row
   __shared__ float s_m[NW], s_l[NW], s_o[NW][D];
   const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / HKV);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int C = k_shape[2], L = min(offset[0] + 1, C);
-  const X* kp = k + ((size_t)b * HKV + kvh) * C * D + lane * EPL;
-  const X* vp = v + ((size_t)b * HKV + kvh) * C * D + lane * EPL;
+  const int C = k_shape[2], off = offset[0], L = min(off + 1, C);
+  const size_t at = ((size_t)b * HKV + kvh) * C * D + lane * EPL;  // this lane's part of position 0
+  const X* kp = k + at;
+  const X* vp = v + at;
+  const size_t at_new = ((size_t)b * HKV + kvh) * D + lane * EPL;
+  const bool writer = WRITE && h % (H / HKV) == 0;  // one block per key/value head writes the new cache
   float qv[EPL], acc[EPL];
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
@@ -228,10 +235,18 @@ ATTENTION = r"""
     Row kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const size_t j = min(j0 + u, L - 1);  // past the end: a valid row, weighted 0
-      kr[u] = *reinterpret_cast<const Row*>(kp + j * D);
-      vr[u] = *reinterpret_cast<const Row*>(vp + j * D);
+      const int j = min(j0 + u, L - 1);  // past the end: a valid row, weighted 0
+      const bool fresh = WRITE && j == off;  // the new token's row is not in the cache yet
+      kr[u] = *reinterpret_cast<const Row*>(fresh ? kn + at_new : kp + (size_t)j * D);
+      vr[u] = *reinterpret_cast<const Row*>(fresh ? vn + at_new : vp + (size_t)j * D);
     }
+    if (writer)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (j0 + u < L) {
+          *reinterpret_cast<Row*>(kc + at + (size_t)(j0 + u) * D) = kr[u];
+          *reinterpret_cast<Row*>(vc + at + (size_t)(j0 + u) * D) = vr[u];
+        }
     float sc[U], mc = -INFINITY;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -277,6 +292,8 @@ ATTENTION = r"""
     for (int i = 0; i < EPL; ++i) o[(size_t)bh * D + lane * EPL + i] = (X)(out[i] / den);
   }
 """
+ATTENTION_READ = "  constexpr bool WRITE = false;\n  const X *kn = nullptr, *vn = nullptr;\n  X *kc = nullptr, *vc = nullptr;\n" + ATTENTION
+ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION
 
 # ADD_NORM: a residual add and the RMSNorm after it (a decoder layer's post-attention norm) in one
 # kernel. Template: X, D (a multiple of 8). Inputs x, r [T, D], w [D], eps [1] float32. Outputs

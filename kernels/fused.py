@@ -22,7 +22,7 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .cuda_source import ADD_NORM, ASYNC, ATTENTION, BASE, COPY, SLOTS, SPIN, header
+from .cuda_source import ADD_NORM, ASYNC, ATTENTION_READ, ATTENTION_WRITE, BASE, COPY, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA
 from .router_source import ROUTER_LOGITS, ROUTER_SELECT
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
@@ -64,7 +64,8 @@ SIGNATURES = {
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "dense_mma": (["x", "w", "sc", "bi"], ["y"], DENSE_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
-    "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION, header(BASE)),
+    "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION_READ, header(BASE)),
+    "attention_write": (["q", "k", "v", "kn", "vn", "offset", "scale"], ["o", "kc", "vc"], ATTENTION_WRITE, header(BASE)),
     "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE)),
     "copy": (["src"], ["dst"], COPY, ""),
     "spin": (["ns"], ["out"], SPIN, ""),

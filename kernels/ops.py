@@ -74,6 +74,21 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     return o
 
 
+def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, new_keys: mx.array,
+                           new_values: mx.array, offset: mx.array, scale: float) -> tuple[mx.array, mx.array, mx.array]:
+    """:func:`decode_attention` with the new token's ``new_keys`` / ``new_values [B, Hkv, 1, D]`` at
+    position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
+    ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set (later
+    ones unwritten). Check :func:`why_not_decode_attention` first."""
+    b, h, _, d = queries.shape
+    return tuple(_kernel("attention_write")(
+        inputs=[queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
+        template=attention_template(queries.dtype, d, h, keys.shape[1]),
+        grid=(b * h * 32 * ATTENTION_WARPS, 1, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
+        output_shapes=[queries.shape, keys.shape, values.shape], output_dtypes=[queries.dtype] * 3,
+    ))
+
+
 def copy(src: mx.array, blocks: int | None = None) -> mx.array:
     """A uint4-wide device copy of a uint32 array (for measuring copy bandwidth): ``blocks`` blocks
     of THREADS threads stride over it (default: up to 4 full SMs' worth per SM of a 132-SM GPU)."""

@@ -73,3 +73,44 @@ def test_compiled_step_with_wide_heads_decodes_like_mlx_lm(arch, monkeypatch):
     the fixed-capacity cache (elsewhere the masked attention); tokens as mlx-lm's."""
     monkeypatch.setattr(compiled, "CHUNK", 16)
     _assert_compiled_decodes_like_mlx_lm(tiny_moe(arch, head_dim=32, num_attention_heads=4, num_key_value_heads=2), 24)
+
+
+def test_a_deferred_cache_write_equals_the_select():
+    """The write the CUDA attention kernel takes over (``defer``) and, for a call it cannot take,
+    ``write_pending``: the same cache as the select writes at once."""
+    keys = mx.random.normal((1, 2, 8, 4), key=mx.random.key(0))
+    values = mx.random.normal((1, 2, 8, 4), key=mx.random.key(1))
+    new_keys, new_values = mx.ones((1, 2, 1, 4)), 2 * mx.ones((1, 2, 1, 4))
+    now, later = (compiled.StaticKVCache(keys, values, {"offset": mx.array(3, dtype=mx.int32)}) for _ in range(2))
+    now.update_and_fetch(new_keys, new_values)
+    later.defer = True
+    got = later.update_and_fetch(new_keys, new_values)
+    assert got[0] is keys and got[1] is values and later.pending is not None  # nothing written yet
+    later.write_pending()
+    assert later.pending is None
+    for name in ("keys", "values"):
+        assert mx.array_equal(later.state[name], now.state[name]).item()
+    assert mx.array_equal(now.state["keys"][:, :, 3:4], new_keys).item()
+
+
+def test_a_deferred_write_no_attention_takes_fails_the_trace(monkeypatch):
+    """If no attention call takes a layer's deferred write, the trace fails (the engine then decodes
+    with the plain step) instead of leaving the cache without the new position."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def defer_only(model, layers):  # the layers defer, but the attention is the stock one
+        for c in layers:
+            c.defer = True
+        try:
+            yield
+        finally:
+            for c in layers:
+                c.defer = False
+
+    monkeypatch.setattr(compiled, "_decode_attention", defer_only)
+    model = tiny_moe("glm4_moe")
+    ref = moedec.generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[]).tokens
+    dec = moedec.stream_generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[], compile_step=True)
+    assert tuple(t for c in dec for t in c.tokens) == tuple(ref)
+    assert "deferred cache write was not taken" in dec.compile_reason

@@ -378,13 +378,30 @@ def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dty
         assert " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} spills: {report}"
 
 
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("name", ["attention", "attention_write"])
+def test_decode_attention_kernels_compile_for_hopper_without_spills(name):
+    """Both decode-attention kernels (reading the cache, and writing the new one) compile for sm_90a
+    as MLX assembles them, with everything in registers."""
+    from moedec.kernels.ops import attention_template
+    from moedec.kernels.resources import kernel_source, resources
+
+    for dtype, d, h, hkv in ((mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)):
+        xt = str(dtype).rsplit(".", 1)[-1]
+        dtypes = {**dict.fromkeys(["q", "k", "v", "kn", "vn", "o", "kc", "vc"], xt), "offset": "int32", "scale": "float32"}
+        report = resources(kernel_source(name, attention_template(dtype, d, h, hkv), dtypes))
+        assert "Used" in report and " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} {xt} {d}: {report}"
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,d,h,hkv", [(mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)])
 def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv):
     """The compiled step's attention: positions 0..offset of a fixed-capacity cache, the rest
-    (garbage here) ignored, as MLX's attention over exactly those positions computes it."""
-    from moedec.kernels.ops import decode_attention, why_not_decode_attention
+    (garbage here) ignored, as MLX's attention over exactly those positions computes it. The variant
+    that takes the new token's key and value apart from the cache gives the same bits and writes
+    positions 0..offset of the new cache."""
+    from moedec.kernels.ops import decode_attention, decode_attention_write, why_not_decode_attention
 
     c = 300  # several runs of positions per warp
     q = mx.random.normal((1, h, 1, d), key=mx.random.key(1)).astype(dtype)
@@ -397,6 +414,12 @@ def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv)
         ref = mx.fast.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=d**-0.5).astype(mx.float32)
         tol = 1e-5 if dtype == mx.float32 else 1e-2
         assert mx.allclose(got, ref, atol=tol, rtol=tol).item(), (offset, float(mx.abs(got - ref).max()))
+        stale = mx.arange(c)[:, None] == offset  # [C, 1]: the new position, not yet in the cache
+        noise = mx.random.normal(k.shape, key=mx.random.key(4 + offset)).astype(dtype)
+        o, kc, vc = decode_attention_write(q, mx.where(stale, noise, k), mx.where(stale, noise, v), k[:, :, offset:offset + 1],
+                                           v[:, :, offset:offset + 1], mx.array(offset, dtype=mx.int32), d**-0.5)
+        assert mx.array_equal(o.astype(mx.float32), got).item(), offset
+        assert mx.array_equal(kc[:, :, :n], k[:, :, :n]).item() and mx.array_equal(vc[:, :, :n], v[:, :, :n]).item(), offset
 
 
 def test_decode_attention_eligibility():
