@@ -211,7 +211,8 @@ def bench(
     """Run strategies side by side on the same prompts (interleaved, one process) and explain them."""
     from moedec.cli import _warn_plugin_failures
 
-    from .bench import load_prompts, parse_bench_options, plot_bench, require_matplotlib, run_bench, strategy_list
+    from .bench import load_prompts, parse_bench_options, require_matplotlib, run_bench, strategy_list
+    from .bench_report import plot_bench
 
     _warn_plugin_failures()
     if plot:

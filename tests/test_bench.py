@@ -7,9 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 import moedec
-from moedec.bench import (
-    BUILTIN_PROMPTS, compare_outputs, load_prompts, parse_bench_options, run_bench, strategy_list, validate_bench,
-)
+from moedec.bench import BUILTIN_PROMPTS, compare_outputs, load_prompts, parse_bench_options, run_bench, strategy_list
+from moedec.bench_report import validate_bench
 from moedec.cli import app
 from moedec.explain import run_explain, validate_explain
 from moedec.plugins import StrategyInfo, get_manager
