@@ -443,9 +443,11 @@ def test_kernel_harness_builds(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "kernel_harness" / "build.py"
-    run = subprocess.run([sys.executable, str(script), "-o", str(tmp_path)], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), "--probe", "empty", "--probe", "loads", "-o", str(tmp_path)],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "work (working tree): Used" in run.stdout
+    assert "empty (probe empty): Used" in run.stdout and "loads (probe loads): Used" in run.stdout
     source = (tmp_path / "work.cu").read_text()
     from moedec.kernels.fused import GATE_UP_RING
 

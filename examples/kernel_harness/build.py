@@ -7,11 +7,12 @@ T = 1, 2, 4, 8, 16, against cudaMemcpy's and a copy kernel's bandwidth, side by 
 the working tree's dense kernel (``DENSE_MMA``) on the synthetic model's dense shapes with each of
 :data:`SPLITS` warps per tile.
 
-    python examples/kernel_harness/build.py [--rev HEAD~1 ...] [-o DIR]   # nvcc here
-    DIR/harness 200 1                                                       # on the GPU host
+    python examples/kernel_harness/build.py [--rev HEAD~1 ...] [--probe loads ...] [-o DIR]   # nvcc here
+    DIR/harness 200 1                                                                         # on the GPU host
 
-Variants: ``work`` (the working tree) and one per ``--rev``. The binary links the CUDA runtime
-statically, so the GPU host needs only a driver.
+Variants: ``work`` (the working tree), one per ``--rev``, and one per ``--probe`` (the working tree
+with no work items, or with loads and no arithmetic: what bounds the kernels; see PROBES). The
+binary links the CUDA runtime statically, so the GPU host needs only a driver.
 """
 
 from __future__ import annotations
@@ -37,15 +38,34 @@ DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "head": (4096, 32000)}  
 SPLITS = (2, 4, 8)
 
 
-def sources_at(rev: str | None) -> types.SimpleNamespace:
-    """GATE_UP_MMA, DOWN_MMA and TENSOR_CORES of kernels/tensor_cores.py at ``rev`` (None: the working tree)."""
+# Probes: the working tree's expert kernels with a part taken out, to see what bounds them (their
+# outputs are wrong). "empty": no work items (launch, slot table, epilogue); "loads": every slice
+# streams through the ring but no MMA or fold runs. (gate/up source, down source) substitutions.
+PROBES = {
+    "empty": ([("int items = early >= 0 ? first + 1 : 0;", "int items = 0;"), ("items = (s.n + meta[0]) * tiles;", "items = 0;")],
+              [("int items = early >= 0 ? warp + 1 : 0;", "int items = 0;"),
+               ("items = (s.n + (SHARED ? 1 : 0)) * RG * KH;", "items = 0;")]),
+    "loads": ([("moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
+              [("moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")]),
+}
+
+
+def sources_at(rev: str | None, probe: str | None = None) -> types.SimpleNamespace:
+    """GATE_UP_MMA, DOWN_MMA and TENSOR_CORES of kernels/tensor_cores.py at ``rev`` (None: the working
+    tree), with a probe's substitutions (see PROBES) applied."""
     if rev is None:
-        return types.SimpleNamespace(**{k: getattr(tensor_cores, k) for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
-    root = Path(tensor_cores.__file__).resolve().parents[1]
-    src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/tensor_cores.py"], capture_output=True,
-                         text=True, check=True).stdout
-    ns: dict = {}
-    exec(compile(src, f"{rev}:tensor_cores.py", "exec"), ns)
+        ns = {k: getattr(tensor_cores, k) for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")}
+    else:
+        root = Path(tensor_cores.__file__).resolve().parents[1]
+        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/tensor_cores.py"], capture_output=True,
+                             text=True, check=True).stdout
+        ns = {}
+        exec(compile(src, f"{rev}:tensor_cores.py", "exec"), ns)
+    for key, subs in zip(("GATE_UP_MMA", "DOWN_MMA"), PROBES[probe] if probe else ((), ())):
+        for old, new in subs:
+            if old not in ns[key]:
+                raise SystemExit(f"probe {probe!r}: {key} no longer contains {old!r}")
+            ns[key] = ns[key].replace(old, new)
     return types.SimpleNamespace(**{k: ns[k] for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
 
 
@@ -69,9 +89,9 @@ def kernel_tu(name: str, prefix: str, template: list, dtypes: dict | None = None
     return tu, args
 
 
-def variant(prefix: str, rev: str | None) -> str:
-    """One variant's .cu: both kernels of ``rev``'s sources and their launchers."""
-    src, now = sources_at(rev), sources_at(None)
+def variant(prefix: str, rev: str | None, probe: str | None = None) -> str:
+    """One variant's .cu: both kernels of ``rev``'s sources (with ``probe``'s changes) and their launchers."""
+    src, now = sources_at(rev, probe), sources_at(None)
     saved = dict(fused.SIGNATURES)
     try:
         for name, code in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
@@ -136,16 +156,19 @@ def dense_file() -> tuple[str, list[tuple[str, int, int, int]]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", action="append", default=[], help="a git revision to compare with the working tree")
+    ap.add_argument("--probe", action="append", default=[], choices=sorted(PROBES),
+                    help="also build the working tree's kernels with a part taken out (outputs wrong)")
     ap.add_argument("-o", "--out", default=str(HERE / "bin"))
     opts = ap.parse_args()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     names = {f"r{i}": rev for i, rev in enumerate(opts.rev)} | {"work": None}
     objs = []
-    for name, rev in names.items():
+    for name, rev, probe in [(n, rev, None) for n, rev in names.items()] + [(p, None, p) for p in opts.probe]:
         cu = out / f"{name}.cu"
-        cu.write_text(variant(name, rev))
+        cu.write_text(variant(name, rev, probe))
         objs.append((name, cu, out / f"{name}.o"))
+    names |= {p: f"probe {p}" for p in opts.probe}
     dense_cu, dense = dense_file()
     (out / "dense.cu").write_text(dense_cu)
     objs.append(("dense", out / "dense.cu", out / "dense.o"))
