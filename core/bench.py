@@ -17,7 +17,8 @@ from typing import Any, Iterator, Optional, Sequence
 import mlx.core as mx
 
 from . import costmodel
-from .accounting import KERNELS, ExpertAccounting, ForwardRecord, ModelBytes, expert_modules, model_bytes
+from .accounting import ExpertAccounting, ForwardRecord
+from .inventory import KERNELS, ModelBytes, expert_modules, model_bytes
 from .errors import MoedecError
 
 SCHEMA = "moedec.bench/1"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import costmodel
-from .accounting import KERNELS
+from .inventory import KERNELS
 from .bench import BASELINE, SCHEMA, require_matplotlib
 
 

@@ -20,7 +20,8 @@ from typing import Iterable, Optional, Sequence
 
 import attrs
 
-from .accounting import KERNELS, ForwardRecord
+from .accounting import ForwardRecord
+from .inventory import KERNELS
 from .errors import MoedecError
 
 

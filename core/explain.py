@@ -16,7 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import costmodel
-from .accounting import KERNELS, ExpertTrace, ForwardRecord, expert_modules, kv_bytes, make_record, model_bytes
+from .accounting import ExpertTrace, ForwardRecord, make_record
+from .inventory import KERNELS, expert_modules, kv_bytes, model_bytes
 from .bench import device_name, encode_prompts, progress_bar, require_matplotlib
 from .errors import MoedecError
 from .forward import forward, new_cache, require_trimmable, rewind

@@ -9,10 +9,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchGLU
 
 import moedec
-from moedec.accounting import (
-    ExpertAccounting, ExpertTrace, ModelBytes, expert_modules, kv_bytes, layer_use, make_record, merge_uses,
-    model_bytes, unaccountable_architectures,
-)
+from moedec.accounting import ExpertAccounting, ExpertTrace, layer_use, make_record, merge_uses
+from moedec.inventory import ModelBytes, expert_modules, kv_bytes, model_bytes, unaccountable_architectures
 from moedec.forward import forward, new_cache
 from moedec.models import build_model, randomize
 from moedec.testing import tiny_moe

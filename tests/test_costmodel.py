@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from moedec import MoedecError
-from moedec.accounting import ExpertLayer, ForwardRecord, LayerUse, ModelBytes
+from moedec.accounting import ForwardRecord, LayerUse
+from moedec.inventory import ExpertLayer, ModelBytes
 from moedec.costmodel import (
     ForwardCost, acceptance_to_break_even, break_even_tokens, bytes_per_token, expected_tokens_per_forward,
     predicted_speedup, random_union, strategy_prediction,
