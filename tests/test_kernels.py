@@ -438,19 +438,22 @@ def test_decode_attention_eligibility():
 def test_kernel_harness_builds(tmp_path):
     """examples/kernel_harness/build.py turns the working tree's tensor-core kernels (experts and the
     dense kernel) into a standalone CUDA-event timer (what docs/benchmarks.md's kernel-by-kernel table ran)."""
+    import importlib.util
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "kernel_harness" / "build.py"
-    run = subprocess.run([sys.executable, str(script), "--probe", "empty", "--probe", "loads", "-o", str(tmp_path)],
+    spec = importlib.util.spec_from_file_location("harness_build", script)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    probes = sorted(build.PROBES)  # every probe: their substitutions must still apply to the kernels
+    run = subprocess.run([sys.executable, str(script), *(a for p in probes for a in ("--probe", p)), "-o", str(tmp_path)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "work (working tree): Used" in run.stdout
-    assert "empty (probe empty): Used" in run.stdout and "loads (probe loads): Used" in run.stdout
+    assert all(f"{p} (probe {p}): Used" in run.stdout for p in probes)
     source = (tmp_path / "work.cu").read_text()
-    from moedec.kernels.fused import GATE_UP_RING
-
-    assert all(f"work{t}_gate_up_mma(" in source for t, *_ in GATE_UP_RING) and "work_down_mma(" in source
+    assert all(f"work{t}_gate_up_mma(" in source for t, *_ in build.fused.GATE_UP_RING) and "work_down_mma(" in source
     assert "dense_qkv_s4_dense_mma(" in (tmp_path / "dense.cu").read_text()
     assert (tmp_path / "harness").stat().st_size > 0

@@ -11,7 +11,8 @@ the working tree's dense kernel (``DENSE_MMA``) on the synthetic model's dense s
     DIR/harness 200 1                                                                         # on the GPU host
 
 Variants: ``work`` (the working tree), one per ``--rev``, and one per ``--probe`` (the working tree
-with no work items, or with loads and no arithmetic: what bounds the kernels; see PROBES). The
+with no work items, with loads and no arithmetic, or with those loads in another order: what bounds
+the kernels; see PROBES). The
 binary links the CUDA runtime statically, so the GPU host needs only a driver.
 """
 
@@ -38,15 +39,21 @@ DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "head": (4096, 32000)}  
 SPLITS = (2, 4, 8)
 
 
-# Probes: the working tree's expert kernels with a part taken out, to see what bounds them (their
-# outputs are wrong). "empty": no work items (launch, slot table, epilogue); "loads": every slice
-# streams through the ring but no MMA or fold runs. (gate/up source, down source) substitutions.
+# Probes: the working tree's expert kernels with a part taken out or changed, to see what bounds them
+# (their outputs are wrong). "empty": no work items (launch, slot table, epilogue); "loads": every
+# slice streams through the ring but no MMA or fold runs; "contiguous": "loads" with each slice of a
+# half tile (8 rows) read as one contiguous run instead of 8 row pieces (the same bytes of the same
+# items, in another order: does the order of the row pieces cost DRAM efficiency?).
+# Substitutions in (GATE_UP_MMA, DOWN_MMA, TENSOR_CORES).
+_NO_ARITHMETIC = ([("moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
+                  [("moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")])
 PROBES = {
     "empty": ([("int items = early >= 0 ? first + 1 : 0;", "int items = 0;"), ("items = (s.n + meta[0]) * tiles;", "items = 0;")],
               [("int items = early >= 0 ? warp + 1 : 0;", "int items = 0;"),
-               ("items = (s.n + (SHARED ? 1 : 0)) * RG * KH;", "items = 0;")]),
-    "loads": ([("moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
-              [("moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")]),
+               ("items = (s.n + (SHARED ? 1 : 0)) * RG * KH;", "items = 0;")], []),
+    "loads": (*_NO_ARITHMETIC, []),
+    "contiguous": (*_NO_ARITHMETIC, [("reinterpret_cast<const uint4*>(w + (r & 7) * WORDS) + sl * CH + j",
+                                      "reinterpret_cast<const uint4*>(w) + (sl * 8 + (r & 7)) * CH + j")]),
 }
 
 
@@ -61,7 +68,7 @@ def sources_at(rev: str | None, probe: str | None = None) -> types.SimpleNamespa
                              text=True, check=True).stdout
         ns = {}
         exec(compile(src, f"{rev}:tensor_cores.py", "exec"), ns)
-    for key, subs in zip(("GATE_UP_MMA", "DOWN_MMA"), PROBES[probe] if probe else ((), ())):
+    for key, subs in zip(("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES"), PROBES[probe] if probe else ((), (), ())):
         for old, new in subs:
             if old not in ns[key]:
                 raise SystemExit(f"probe {probe!r}: {key} no longer contains {old!r}")
