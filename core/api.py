@@ -167,13 +167,46 @@ def generate_batch(
     and seed, never on the rows that share its batch. ``on_result(index, generation)`` is called as
     each row finishes. Other arguments (``kernel`` included) as :func:`generate`.
     """
-    from .batch import run_batch
+    from moedec.strategies.batched import Batched
 
-    return run_batch(
-        model, prompts, strategy, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-        top_k=top_k, seed=seed, tokenizer=tokenizer, stop=stop, eos_token_ids=eos_token_ids,
-        max_draft=max_draft, plugins=plugins, kernel=kernel, on_result=on_result, **options,
-    )
+    from .batch import BatchDecoder, check_prompt, make_rows
+    from .engine import vocab_size_of
+
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise MoedecError("prompts must be a list (of strings or of token-id lists)")
+    if not prompts:
+        return []
+    instance, label = resolve_strategy(strategy, dict(options))
+    model, first, tokenizer = _prepare(model, prompts[0], tokenizer)
+    ids = [first] + [_prepare(model, p, tokenizer)[1] for p in prompts[1:]]
+    rows = make_rows(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    eos = _eos_ids(tokenizer) if eos_token_ids is None else list(eos_token_ids)
+    results: list[Optional[Generation]] = [None] * len(rows)
+    if isinstance(instance, Batched):
+        if plugins:
+            raise MoedecError("strategy 'batched' calls no per-step hooks, so it cannot take plugins=")
+        from moedec.kernels import patch
+
+        patch(model, kernel)  # the fused MoE kernel where it runs (CUDA), else mlx-lm's stock path
+        dec = BatchDecoder(model, rows, batch_size=instance.batch_size, label=label, tokenizer=tokenizer,
+                           stop=stop, eos_token_ids=eos)
+        for i, g in dec:
+            results[i] = g
+            if on_result is not None:
+                on_result(i, g)
+        return results  # type: ignore[return-value]
+    for r in rows:
+        check_prompt(r, vocab_size_of(model))
+    for r in rows:
+        g = generate(
+            model, r.prompt, strategy, max_tokens=r.max_tokens, temperature=r.params.temperature,
+            top_p=r.params.top_p, top_k=r.params.top_k, seed=r.seed, tokenizer=tokenizer, stop=stop,
+            eos_token_ids=eos, max_draft=max_draft, plugins=plugins, kernel=kernel, **options,
+        )
+        results[r.index] = g
+        if on_result is not None:
+            on_result(r.index, g)
+    return results  # type: ignore[return-value]
 
 
 __all__ = ["generate", "generate_batch", "stream_generate", "load", "Chunk"]

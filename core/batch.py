@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import attrs
 import mlx.core as mx
@@ -91,7 +91,7 @@ class BatchDecoder:
         self.eos = frozenset(int(t) for t in eos_token_ids)
         self.vocab = vocab_size_of(model)
         for r in self.rows:
-            _check_prompt(r, self.vocab)
+            check_prompt(r, self.vocab)
         self.head = head_of(model)
         self.sampling = any(not r.params.greedy for r in self.rows)
         self.cache: Optional[list] = None  # per layer: the batch cache of the active rows
@@ -297,7 +297,7 @@ def _merge(layer_caches: list) -> Any:
     return cls.merge(layer_caches)
 
 
-def _check_prompt(r: Row, vocab: int) -> None:
+def check_prompt(r: Row, vocab: int) -> None:
     if not r.prompt:
         raise MoedecError(f"prompt {r.index} is empty")
     bad = [t for t in r.prompt if not 0 <= t < vocab]
@@ -341,70 +341,6 @@ def make_rows(prompts: Sequence[list[int]], *, max_tokens, temperature, top_p, t
             raise MoedecError(f"bad sampling setting for prompt {i}: {e}") from None
         rows.append(Row(index=i, prompt=list(p), params=params, max_tokens=int(m), seed=s))
     return rows
-
-
-# -- a whole job: any strategy, rows in prompt order ------------------------------------------------
-
-
-def run_batch(
-    model: Any,
-    prompts: Sequence[Any],
-    strategy: Any = "batched",
-    *,
-    max_tokens: Any = 64,
-    temperature: Any = 0.0,
-    top_p: Any = 1.0,
-    top_k: Any = 0,
-    seed: Any = None,
-    tokenizer: Any = None,
-    stop: Sequence[str] = (),
-    eos_token_ids: Optional[Sequence[int]] = None,
-    max_draft: int = 32,
-    plugins: Sequence[object] = (),
-    kernel: str = "auto",
-    on_result: Optional[Callable[[int, Generation], None]] = None,
-    **options: Any,
-) -> list[Generation]:
-    """What :func:`moedec.generate_batch` does (see there). A strategy other than ``batched`` runs
-    the prompts one after another through :func:`moedec.generate`, with the same per-row seeds."""
-    from .api import _eos_ids, _prepare, generate, resolve_strategy
-    from moedec.strategies.batched import Batched
-
-    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-        raise MoedecError("prompts must be a list (of strings or of token-id lists)")
-    if not prompts:
-        return []
-    instance, label = resolve_strategy(strategy, dict(options))
-    model, first, tokenizer = _prepare(model, prompts[0], tokenizer)
-    ids = [first] + [_prepare(model, p, tokenizer)[1] for p in prompts[1:]]
-    rows = make_rows(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    eos = _eos_ids(tokenizer) if eos_token_ids is None else list(eos_token_ids)
-    results: list[Optional[Generation]] = [None] * len(rows)
-    if isinstance(instance, Batched):
-        if plugins:
-            raise MoedecError("strategy 'batched' calls no per-step hooks, so it cannot take plugins=")
-        from moedec.kernels import patch
-
-        patch(model, kernel)  # the fused MoE kernel where it runs (CUDA), else mlx-lm's stock path
-        dec = BatchDecoder(model, rows, batch_size=instance.batch_size, label=label, tokenizer=tokenizer,
-                           stop=stop, eos_token_ids=eos)
-        for i, g in dec:
-            results[i] = g
-            if on_result is not None:
-                on_result(i, g)
-        return results  # type: ignore[return-value]
-    for r in rows:
-        _check_prompt(r, vocab_size_of(model))
-    for r in rows:
-        g = generate(
-            model, r.prompt, strategy, max_tokens=r.max_tokens, temperature=r.params.temperature,
-            top_p=r.params.top_p, top_k=r.params.top_k, seed=r.seed, tokenizer=tokenizer, stop=stop,
-            eos_token_ids=eos, max_draft=max_draft, plugins=plugins, kernel=kernel, **options,
-        )
-        results[r.index] = g
-        if on_result is not None:
-            on_result(r.index, g)
-    return results  # type: ignore[return-value]
 
 
 from .batch_bench import bench_batch_sizes  # noqa: E402  (re-exported: ``moedec.batch.bench_batch_sizes``)
