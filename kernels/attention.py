@@ -23,10 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .dense import quantized_matmul
-from .fused import _plan
+from .fused import MAX_TOKENS, _plan
 from .patching import set_call
-
-MAX_TOKENS = 16
 
 
 @attrs.frozen
