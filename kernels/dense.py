@@ -43,13 +43,11 @@ def why_not_dense(x: mx.array, weight: mx.array, scales: mx.array, biases: Optio
         return f"1 to {MAX_TOKENS} tokens (prefill keeps MLX's matmul)"
     if nout % 16 or din > MAX_DIN or not dense_kernel(x.dtype, din, nout, group_size)[1]:
         return "rows a multiple of 16, inputs a multiple of 256 up to 16384"
-    if not _on_cuda():
+    from . import device_backend  # the package imports this module: looked up at call time
+
+    if device_backend() != "cuda":
         return "needs MLX's CUDA backend"
     return None
-
-
-def _on_cuda() -> bool:
-    return mx.default_device() == mx.gpu and hasattr(mx, "cuda") and mx.cuda.is_available()
 
 
 @functools.lru_cache(maxsize=64)
