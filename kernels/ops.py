@@ -64,13 +64,7 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     """Softmax attention of ``queries [B, H, 1, D]`` over positions ``0..offset`` of ``keys`` /
     ``values [B, Hkv, C, D]`` (``offset``: a 0-d int32 array, so the length can change without a new
     graph); check :func:`why_not_decode_attention` first."""
-    b, h, _, d = queries.shape
-    (o,) = _kernel("attention")(
-        inputs=[queries, keys, values, offset, _scalar(float(scale))],
-        template=attention_template(queries.dtype, d, h, keys.shape[1]),
-        grid=(b * h * 32 * ATTENTION_WARPS, 1, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
-        output_shapes=[queries.shape], output_dtypes=[queries.dtype],
-    )
+    (o,) = _attention("attention", queries, keys, [values, offset, _scalar(float(scale))], [queries.shape])
     return o
 
 
@@ -80,13 +74,19 @@ def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, 
     position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
     ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set (later
     ones unwritten). Check :func:`why_not_decode_attention` first."""
+    return tuple(_attention("attention_write", queries, keys, [values, new_keys, new_values, offset, _scalar(float(scale))],
+                            [queries.shape, keys.shape, values.shape]))
+
+
+def _attention(name: str, queries: mx.array, keys: mx.array, rest: list, output_shapes: list) -> list:
+    """Launch attention kernel ``name`` (inputs ``queries, keys, *rest``): one block of
+    ATTENTION_WARPS warps per (batch, query head), outputs in the queries' dtype."""
     b, h, _, d = queries.shape
-    return tuple(_kernel("attention_write")(
-        inputs=[queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
-        template=attention_template(queries.dtype, d, h, keys.shape[1]),
+    return _kernel(name)(
+        inputs=[queries, keys, *rest], template=attention_template(queries.dtype, d, h, keys.shape[1]),
         grid=(b * h * 32 * ATTENTION_WARPS, 1, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
-        output_shapes=[queries.shape, keys.shape, values.shape], output_dtypes=[queries.dtype] * 3,
-    ))
+        output_shapes=output_shapes, output_dtypes=[queries.dtype] * len(output_shapes),
+    )
 
 
 def copy(src: mx.array, blocks: int | None = None) -> mx.array:
