@@ -22,7 +22,8 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .cuda_source import ADD_NORM, ASYNC, ATTENTION_READ, ATTENTION_WRITE, BASE, COPY, SLOTS, SPIN, header
+from .attention_source import ATTENTION_READ, ATTENTION_WRITE
+from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA
 from .router_source import ROUTER_LOGITS, ROUTER_SELECT
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA

@@ -1,4 +1,4 @@
-"""Small CUDA ops beside the expert kernels (sources in ``cuda_source``; signatures in
+"""Small CUDA ops beside the expert kernels (sources in ``cuda_source`` and ``attention_source``; signatures in
 :data:`moedec.kernels.fused.SIGNATURES`).
 
 * :func:`add_rms_norm`: a residual add and the RMSNorm after it, in one kernel (a decoder layer's

@@ -1,0 +1,98 @@
+"""CUDA source of the decode-attention kernels (one query position over the compiled step's
+fixed-capacity cache); their Python side is :mod:`.ops`.
+"""
+
+# Decode attention over a fixed-capacity cache whose valid length is an array (the compiled step's
+# cache, moedec.compiled): MLX's fused attention takes no mask on CUDA, and a masked one falls back to
+# several kernels. Template: X dtype, D head size (a multiple of 32, at most 256), H query heads, HKV
+# key/value heads, NW warps per block. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
+# position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of NW warps per
+# (batch, head); warp w takes positions in runs of U (runs w, w + NW, ..): it loads the run's U keys and
+# values at once (independent loads in flight together), sums the U scores across lanes, and folds the
+# run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
+# ATTENTION_WRITE (the same body with WRITE): the new token's key and value come as kn, vn [B, HKV, 1, D]
+# (the cache holds positions 0..offset-1), and the blocks of each key/value head's first query head
+# write positions 0..offset of the new cache kc, vc [B, HKV, C, D] (the rest stays unwritten: no
+# step reads past its offset): one kernel instead of two cache-wide selects per layer.
+ATTENTION = r"""
+  constexpr int EPL = D / 32, U = 8;
+  struct alignas(sizeof(X) * EPL) Row { X v[EPL]; };  // a lane's EPL elements of one key or value row
+  __shared__ float s_m[NW], s_l[NW], s_o[NW][D];
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, kvh = h / (H / HKV);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int C = k_shape[2], off = offset[0], L = min(off + 1, C);
+  const size_t at = ((size_t)b * HKV + kvh) * C * D + lane * EPL;  // this lane's part of position 0
+  const X* kp = k + at;
+  const X* vp = v + at;
+  const size_t at_new = ((size_t)b * HKV + kvh) * D + lane * EPL;
+  const bool writer = WRITE && h % (H / HKV) == 0;  // one block per key/value head writes the new cache
+  float qv[EPL], acc[EPL];
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    qv[i] = moedec::to_f(q[(size_t)bh * D + lane * EPL + i]) * scale[0];
+    acc[i] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  for (int j0 = warp * U; j0 < L; j0 += NW * U) {  // a run: positions j0 .. j0 + U - 1 (those < L count)
+    Row kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = min(j0 + u, L - 1);  // past the end: a valid row, weighted 0
+      const bool fresh = WRITE && j == off;  // the new token's row is not in the cache yet
+      kr[u] = *reinterpret_cast<const Row*>(fresh ? kn + at_new : kp + (size_t)j * D);
+      vr[u] = *reinterpret_cast<const Row*>(fresh ? vn + at_new : vp + (size_t)j * D);
+    }
+    if (writer)
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (j0 + u < L) {
+          *reinterpret_cast<Row*>(kc + at + (size_t)(j0 + u) * D) = kr[u];
+          *reinterpret_cast<Row*>(vc + at + (size_t)(j0 + u) * D) = vr[u];
+        }
+    float sc[U], mc = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      sc[u] = 0.f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) sc[u] = fmaf(qv[i], moedec::to_f(kr[u].v[i]), sc[u]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u) sc[u] += __shfl_xor_sync(moedec::FULL, sc[u], o);
+#pragma unroll
+    for (int u = 0; u < U; ++u) mc = j0 + u < L ? fmaxf(mc, sc[u]) : mc;
+    const float mn = fmaxf(m, mc), corr = expf(m - mn);  // the run has a position < L: mn is finite
+    l *= corr;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) acc[i] *= corr;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const float p = j0 + u < L ? expf(sc[u] - mn) : 0.f;
+      l += p;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) acc[i] = fmaf(p, moedec::to_f(vr[u].v[i]), acc[i]);
+    }
+    m = mn;
+  }
+  if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) s_o[warp][lane * EPL + i] = acc[i];
+  __syncthreads();
+  if (warp == 0) {
+    float mx_ = -INFINITY, den = 0.f, out[EPL];
+    for (int w = 0; w < NW; ++w) mx_ = fmaxf(mx_, s_m[w]);
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) out[i] = 0.f;
+    for (int w = 0; w < NW; ++w) {
+      const float f = s_m[w] == -INFINITY ? 0.f : expf(s_m[w] - mx_);
+      den += s_l[w] * f;
+#pragma unroll
+      for (int i = 0; i < EPL; ++i) out[i] += s_o[w][lane * EPL + i] * f;
+    }
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) o[(size_t)bh * D + lane * EPL + i] = (X)(out[i] / den);
+  }
+"""
+ATTENTION_READ = "  constexpr bool WRITE = false;\n  const X *kn = nullptr, *vn = nullptr;\n  X *kc = nullptr, *vc = nullptr;\n" + ATTENTION
+ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION
