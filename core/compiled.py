@@ -69,6 +69,18 @@ class StaticKVCache:
     def offset(self) -> mx.array:
         return self.pos["offset"]
 
+    @property
+    def kernel_offset(self) -> mx.array:
+        """The offset as the attention kernels read it (element 0 of ``SMALL`` int32s, once per step):
+        a 4-byte array lives in MLX's unified-memory pool of small arrays, which kernels may read
+        across the bus (:data:`moedec.kernels.fused.SMALL`)."""
+        from moedec.kernels.fused import SMALL
+
+        at = self.shared.get("offset")
+        if at is None:
+            at = self.shared["offset"] = self.pos["offset"] + mx.zeros((SMALL,), mx.int32)
+        return at
+
     def update_and_fetch(self, keys, values):
         if keys.shape[2] == 1:
             if self.defer:  # the attention call writes it (see _decode_attention): hand back the cache as it is
@@ -125,12 +137,12 @@ def _decode_attention(model: Any, layers: list):
                 if fits:
                     (new_keys, new_values), cache.pending = cache.pending, None
                     out, cache.state["keys"], cache.state["values"] = decode_attention_write(
-                        queries, keys, values, new_keys, new_values, cache.offset, scale)
+                        queries, keys, values, new_keys, new_values, cache.kernel_offset, scale)
                     return out
                 cache.write_pending()
                 keys, values = cache.state["keys"], cache.state["values"]
             if fits:
-                return decode_attention(queries, keys, values, cache.offset, scale)
+                return decode_attention(queries, keys, values, cache.kernel_offset, scale)
         return stock(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
 
     module.scaled_dot_product_attention = attention

@@ -1,9 +1,9 @@
 """CUDA source of the fused MoE block, compiled through ``mx.fast.cuda_kernel``.
 
-Four kernels per MoE layer of a decode forward (``T`` tokens, ``K`` experts each, ``P = T*K``
+Three kernels per MoE layer of a decode forward (``T`` tokens, ``K`` experts each, ``P = T*K``
 (token, expert) pairs, ``U`` distinct experts among them, the *slots*):
 
-* ``ROUTER_LOGITS`` and ``ROUTER_SELECT`` (in :mod:`.router_source`): mlx-lm's ``noaux_tc`` gate.
+* ``ROUTER`` (in :mod:`.router_source`): mlx-lm's ``noaux_tc`` gate.
 * ``GATE_UP`` / ``GATE_UP_MMA`` (a few resident blocks): every block rebuilds the slot table from
   the routing indices in shared memory (no host-side sort); each warp streams its (slot, rows)
   items through a ring of shared-memory stages and computes, for every token routed to the slot,

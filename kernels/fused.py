@@ -25,7 +25,7 @@ from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
 from .attention_source import ATTENTION_READ, ATTENTION_WRITE
 from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA
-from .router_source import ROUTER_LOGITS, ROUTER_SELECT
+from .router_source import ROUTER
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
@@ -58,8 +58,7 @@ FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 _GATE_UP_IO = (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"], ["act"])
 _DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd", "res"], ["y"])
 SIGNATURES = {
-    "router_logits": (["x", "w"], ["logits"], ROUTER_LOGITS, header(BASE)),
-    "router_select": (["logits", "bias", "rsf"], ["inds", "scores"], ROUTER_SELECT, header(BASE)),
+    "router": (["x", "w", "bias", "rsf", "done"], ["logits", "inds", "scores"], ROUTER, header(BASE)),
     "gate_up": (*_GATE_UP_IO, GATE_UP, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
@@ -333,9 +332,17 @@ def fused_switch_glu(switch, x: mx.array, indices: mx.array) -> mx.array:
     return y.reshape(*indices.shape, d)
 
 
+#: Elements of a kernel's small input arrays (scalars, the offset, the router's counter): MLX keeps
+#: arrays of at most 8 bytes in one unified-memory pool that the host reads too (every token id), so
+#: a kernel may reach them across the bus (atomics on one cost ~1 us each: docs/benchmarks.md); 16
+#: bytes get memory of their own, which stays on the GPU once a kernel has touched it.
+SMALL = 4
+
+
 @functools.lru_cache(maxsize=64)
 def _scalar(v: float) -> mx.array:
-    return mx.array([v], mx.float32)
+    """``v`` for a kernel's scalar input (read as element 0), padded to :data:`SMALL` elements."""
+    return mx.array([v] + [0.0] * (SMALL - 1), mx.float32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,7 +18,7 @@ import mlx.core as mx
 
 from . import fused
 from .dense import dense_kernel
-from .router import router_templates
+from .router import router_template
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
               "uint32": "uint32_t"}
@@ -95,9 +95,7 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
            if many.gate_up != ek.gate_up else {}),
         "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
         "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),
-        **{name: (kernel_source(name, tpl, dtypes), 0) for name, tpl in
-           zip(("router_logits", "router_select"),
-               router_templates(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True))},
+        "router": (kernel_source("router", router_template(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True), dtypes), 0),
     }
 
 

@@ -1,4 +1,4 @@
-"""mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) on MLX's CUDA backend, in two kernels
+"""mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) on MLX's CUDA backend, in one kernel
 (:mod:`.router_source`): :func:`fused_router` gives ``(inds [.., K] int32, scores [.., K] float32)``
 as ``MoEGate(x)`` does; :func:`why_not_router` says when it cannot.
 """
@@ -10,9 +10,9 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .fused import FLOATS, MAX_EXPERTS, _kernel, _plan, _scalar
+from .fused import FLOATS, MAX_EXPERTS, SMALL, _kernel, _plan, _scalar
 
-ROUTER_WARPS = 4  # warps per block of the router's logits kernel (one per (token, expert))
+ROUTER_WARPS = 4  # warps per block of the router kernel (one per (token, expert) logit)
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,7 +26,7 @@ def _noaux_gates() -> tuple[type, ...]:
 class _GatePlan:
     reason: str | None
     inputs: tuple = ()  # weight, correction bias, scaling factor
-    spec: tuple = ()  # router_templates' arguments after x's dtype
+    spec: tuple = ()  # router_template's arguments after x's dtype
 
     @property
     def width(self) -> int:
@@ -38,13 +38,12 @@ class _GatePlan:
 
 
 @functools.lru_cache(maxsize=64)
-def router_templates(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
-                     top_groups: int, norm: bool) -> tuple[list, list]:
-    """Template arguments of the router's logits and select kernels (what
-    :mod:`moedec.kernels.resources` compiles too)."""
+def router_template(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: int, groups: int,
+                    top_groups: int, norm: bool) -> list:
+    """Template arguments of the router kernel (what :mod:`moedec.kernels.resources` compiles too)."""
     logit = x_dtype if x_dtype == w_dtype else mx.float32  # dtype of mlx-lm's x @ w.T
-    return ([("X", x_dtype), ("R", logit), ("W", w_dtype), ("DIN", d), ("NE", experts)],
-            [("B", bias_dtype), ("NE", experts), ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm)])
+    return [("X", x_dtype), ("R", logit), ("W", w_dtype), ("B", bias_dtype), ("DIN", d), ("NE", experts),
+            ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm), ("NW", ROUTER_WARPS)]
 
 
 def _gate_plan(gate) -> _GatePlan:
@@ -76,18 +75,19 @@ def why_not_router(gate, x: mx.array) -> str | None:
 
 
 def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
-    """mlx-lm's ``MoEGate(x)`` in two kernels: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``."""
+    """mlx-lm's ``MoEGate(x)`` in one kernel: ``x [.., D]`` -> ``inds [.., K] int32``, ``scores [.., K] float32``.
+    Each call also zeroes the kernel's block counter (a fill that depends on nothing, so the GPU
+    runs it off the step's path): MLX runs kernels that share no array at the same time, so two
+    routings in one graph each need their own. (Under ``mx.compile`` the zeros may become one
+    constant that the layers' launches share one after another; the kernel leaves it at zero.)"""
     plan = _plan(gate, _gate_plan)
     w, bias, rsf = plan.inputs
     experts, tokens = w.shape[0], x.size // plan.width
-    logits_t, select_t = router_templates(x.dtype, *plan.spec)
-    (logits,) = _kernel("router_logits")(
-        inputs=[x, w], template=logits_t,
+    done = mx.zeros((SMALL,), mx.uint32)  # this launch's own: MLX may run routings that share no array at once
+    _, inds, scores = _kernel("router")(
+        inputs=[x, w, bias, rsf, done], template=router_template(x.dtype, *plan.spec),
         grid=(-(-tokens * experts // ROUTER_WARPS) * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
-        output_shapes=[(tokens, experts)], output_dtypes=[mx.float32],
-    )  # [T, E]: one warp per logit
-    inds, scores = _kernel("router_select")(
-        inputs=[logits, bias, rsf], template=select_t, grid=(tokens * 32, 1, 1), threadgroup=(32, 1, 1),
-        output_shapes=[(*x.shape[:-1], plan.top_k)] * 2, output_dtypes=[mx.int32, mx.float32],
-    )  # one warp per token
+        output_shapes=[(tokens, experts), (*x.shape[:-1], plan.top_k), (*x.shape[:-1], plan.top_k)],
+        output_dtypes=[mx.float32, mx.int32, mx.float32],
+    )  # one warp per logit; the last block to finish selects, one warp per token
     return inds, scores
