@@ -12,7 +12,8 @@ the one the uncompiled path leaves.
 
 On CUDA the step's attention is moedec's decode-attention kernel, which reads the valid length
 from the offset array (MLX's fused attention takes no mask there) and, with :data:`FUSED_CACHE_WRITE`,
-writes the new position into the layer's cache in the same kernel. Elsewhere (and for any attention
+writes the new position into the layer's cache in the same kernel; with :data:`FUSED_ROPE` a joined
+q/k/v layer's RoPE runs in it too (:meth:`StaticKVCache.attend_qkv`). Elsewhere (and for any attention
 call the kernel cannot take) the new position is written with a select rather than a dynamic-offset
 update (which costs two extra kernels per cache array).
 
@@ -42,6 +43,8 @@ CHUNK = 256  # positions added when the fixed-capacity cache is full
 #: On CUDA, the decode-attention kernel also writes the new key and value into the cache (one kernel
 #: per layer instead of the attention and two cache-wide selects).
 FUSED_CACHE_WRITE = True
+#: With it, a joined q/k/v layer's RoPE is applied in that kernel too (``StaticKVCache.attend_qkv``).
+FUSED_ROPE = True
 
 
 def why_not_compiled(model: Any, cache: list) -> Optional[str]:
@@ -106,6 +109,22 @@ class StaticKVCache:
         keys, values = self.pending
         self.pending = None
         self._select(keys, values)
+
+    def attend_qkv(self, qkv: mx.array, heads: int, rope: Any, scale: float) -> Optional[mx.array]:
+        """While a deferred write is possible (``defer``, CUDA): one token's attention from a joined
+        projection's output ``qkv [B, 1, H + 2 Hkv, D]`` before ``rope`` (an ``mlx.nn.RoPE``), with
+        the new position written, in one kernel: ``[B, 1, H * D]``; ``None`` if that kernel cannot take it
+        (the caller then runs the RoPE and ``update_and_fetch`` as usual)."""
+        if not (self.defer and FUSED_ROPE) or self.pending is not None:
+            return None
+        from moedec.kernels.ops import decode_attention_qkv, rope_spec, why_not_attention_qkv
+
+        spec = rope_spec(rope)
+        if why_not_attention_qkv(qkv, self.state["keys"], heads, spec) is not None:
+            return None
+        out, self.state["keys"], self.state["values"] = decode_attention_qkv(
+            qkv, self.state["keys"], self.state["values"], self.kernel_offset, scale, heads, spec)
+        return out
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None:

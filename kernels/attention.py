@@ -9,6 +9,10 @@ added) and one ``quantized_matmul`` computes every output row as before; RoPE ac
 alone, so one call over the query and key heads gives what two did. Each row of the result is the
 same dot product, so outputs are unchanged (tests/test_attention.py).
 
+Under the compiled step on CUDA a one-token forward goes further: its cache (``attend_qkv``) takes
+the joined output before RoPE, and one kernel applies the RoPE, attends and writes the new position
+(:func:`moedec.kernels.ops.decode_attention_qkv`).
+
 Forwards of more than :data:`MAX_TOKENS` tokens (prefill) and layers whose projections are not
 quantized alike keep mlx-lm's call.
 """
@@ -81,6 +85,11 @@ def _attention_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=No
         return self._moedec_stock_call(x, mask=mask, cache=cache)
     H, HK = self.n_heads, self.n_kv_heads
     qkv = plan.project(x).reshape(B, L, H + 2 * HK, -1)  # [B, L, H + 2 HK, Dh]
+    attend = getattr(cache, "attend_qkv", None)  # the compiled step's cache: RoPE, attention, write in one kernel
+    if L == 1 and not self.use_qk_norm and attend is not None:
+        out = attend(qkv, H, self.rope, self.scale)  # [B, 1, H * Dh], or None
+        if out is not None:
+            return self.o_proj(out)
     offset = cache.offset if cache is not None else 0
     if self.use_qk_norm:  # the norms come between projection and RoPE: two RoPEs, as mlx-lm
         queries = self.rope(self.q_norm(qkv[:, :, :H]).transpose(0, 2, 1, 3), offset=offset)  # [B, H, L, Dh]

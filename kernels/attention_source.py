@@ -14,6 +14,11 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 # (the cache holds positions 0..offset-1), and the blocks of each key/value head's first query head
 # write positions 0..offset of the new cache kc, vc [B, HKV, C, D] (the rest stays unwritten: no
 # step reads past its offset): one kernel instead of two cache-wide selects per layer.
+# ATTENTION_QKV (WRITE, and the inputs from one row): the query, key and value heads come as the joined
+# projection's output qkv [B, 1, H + 2 HKV, D] (query heads, then key heads, then value heads), before
+# RoPE; the kernel rotates the query and the new key (moedec::rope_part; template R rotated dims, TRAD,
+# input rope [2]: log2 of the base, position scale), so the RoPE kernel and the copies that split the
+# heads go. Output o [B, 1, H * D].
 ATTENTION = r"""
   constexpr int EPL = D / 32, U = 8;
   struct alignas(sizeof(X) * EPL) Row { X v[EPL]; };  // a lane's EPL elements of one key or value row
@@ -24,12 +29,13 @@ ATTENTION = r"""
   const size_t at = ((size_t)b * HKV + kvh) * C * D + lane * EPL;  // this lane's part of position 0
   const X* kp = k + at;
   const X* vp = v + at;
-  const size_t at_new = ((size_t)b * HKV + kvh) * D + lane * EPL;
   const bool writer = WRITE && h % (H / HKV) == 0;  // one block per key/value head writes the new cache
+  Row qr, kn_r, vn_r;  // this lane's part of the query and (WRITE) of the new token's key and value
+  // INPUTS
   float qv[EPL], acc[EPL];
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
-    qv[i] = moedec::to_f(q[(size_t)bh * D + lane * EPL + i]) * scale[0];
+    qv[i] = moedec::to_f(qr.v[i]) * scale[0];
     acc[i] = 0.f;
   }
   float m = -INFINITY, l = 0.f;
@@ -39,8 +45,8 @@ ATTENTION = r"""
     for (int u = 0; u < U; ++u) {
       const int j = min(j0 + u, L - 1);  // past the end: a valid row, weighted 0
       const bool fresh = WRITE && j == off;  // the new token's row is not in the cache yet
-      kr[u] = *reinterpret_cast<const Row*>(fresh ? kn + at_new : kp + (size_t)j * D);
-      vr[u] = *reinterpret_cast<const Row*>(fresh ? vn + at_new : vp + (size_t)j * D);
+      kr[u] = fresh ? kn_r : *reinterpret_cast<const Row*>(kp + (size_t)j * D);
+      vr[u] = fresh ? vn_r : *reinterpret_cast<const Row*>(vp + (size_t)j * D);
     }
     if (writer)
 #pragma unroll
@@ -94,5 +100,41 @@ ATTENTION = r"""
     for (int i = 0; i < EPL; ++i) o[(size_t)bh * D + lane * EPL + i] = (X)(out[i] / den);
   }
 """
-ATTENTION_READ = "  constexpr bool WRITE = false;\n  const X *kn = nullptr, *vn = nullptr;\n  X *kc = nullptr, *vc = nullptr;\n" + ATTENTION
-ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION
+_ROW = "*reinterpret_cast<const Row*>"
+_SEPARATE = f"  qr = {_ROW}(q + (size_t)bh * D + lane * EPL);\n"  # q [B, H, 1, D]
+ATTENTION_READ = "  constexpr bool WRITE = false;\n  X *kc = nullptr, *vc = nullptr;\n" + ATTENTION.replace("  // INPUTS\n", _SEPARATE)
+ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION.replace("  // INPUTS\n", _SEPARATE + f"""\
+  const size_t at_new = ((size_t)b * HKV + kvh) * D + lane * EPL;  // kn, vn [B, HKV, 1, D]
+  kn_r = {_ROW}(kn + at_new);
+  vn_r = {_ROW}(vn + at_new);
+""")
+ATTENTION_QKV = "  constexpr bool WRITE = true;\n" + ATTENTION.replace("  // INPUTS\n", f"""\
+  const X* row = qkv + (size_t)b * (H + 2 * HKV) * D;  // [H + 2 HKV, D]: this batch row's heads
+  moedec::rope_part<R, TRAD>(row + (size_t)h * D, lane * EPL, off, rope, qr.v);
+  moedec::rope_part<R, TRAD>(row + (size_t)(H + kvh) * D, lane * EPL, off, rope, kn_r.v);
+  vn_r = {_ROW}(row + (size_t)(H + HKV + kvh) * D + lane * EPL);
+""")
+
+# Elements e0 .. e0 + N - 1 of a head's row x rotated for position pos as MLX's fast.rope rotates them:
+# the first R elements in pairs (j, j + R/2) (TRAD: (2j, 2j + 1)) by the angle scale * pos *
+# base^(-j / (R/2)), in float32 and rounded to X; elements from R on as they are. rope: [log2(base), scale].
+ROPE = r"""
+template <int R, bool TRAD, int N, typename X>
+__device__ __forceinline__ void rope_part(const X* x, int e0, int pos, const float* rope, X (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int e = e0 + i;
+    if (e >= R) {
+      out[i] = x[e];
+      continue;
+    }
+    const int j = TRAD ? e / 2 : e % (R / 2);
+    const bool second = TRAD ? (e & 1) : e >= R / 2;   // the pair's second element
+    const int pe = TRAD ? e ^ 1 : second ? e - R / 2 : e + R / 2;  // its partner
+    const float d = (float)j / (float)(R / 2);
+    const float theta = (rope[1] * (float)pos) * exp2f(-d * rope[0]);
+    const float cs = cosf(theta), sn = sinf(theta), xe = to_f(x[e]), xp = to_f(x[pe]);
+    out[i] = (X)(second ? xp * sn + xe * cs : xe * cs - xp * sn);
+  }
+}
+"""

@@ -22,7 +22,7 @@ import attrs
 import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
-from .attention_source import ATTENTION_READ, ATTENTION_WRITE
+from .attention_source import ATTENTION_QKV, ATTENTION_READ, ATTENTION_WRITE, ROPE
 from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA
 from .router_source import ROUTER
@@ -66,6 +66,7 @@ SIGNATURES = {
     "dense_mma": (["x", "w", "sc", "bi"], ["y"], DENSE_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
     "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION_READ, header(BASE)),
     "attention_write": (["q", "k", "v", "kn", "vn", "offset", "scale"], ["o", "kc", "vc"], ATTENTION_WRITE, header(BASE)),
+    "attention_qkv": (["qkv", "k", "v", "offset", "scale", "rope"], ["o", "kc", "vc"], ATTENTION_QKV, header(BASE, ROPE)),
     "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE)),
     "copy": (["src"], ["dst"], COPY, ""),
     "spin": (["ns"], ["out"], SPIN, ""),

@@ -1,18 +1,22 @@
-"""Small CUDA ops beside the expert kernels (sources in ``cuda_source`` and ``attention_source``; signatures in
-:data:`moedec.kernels.fused.SIGNATURES`).
+"""Small CUDA ops beside the expert kernels (sources in ``cuda_source`` and ``attention_source``;
+signatures in :data:`moedec.kernels.fused.SIGNATURES`).
 
 * :func:`add_rms_norm`: a residual add and the RMSNorm after it, in one kernel (a decoder layer's
   post-attention norm, :mod:`moedec.kernels.layer`).
 * :func:`decode_attention`: one-token attention over a fixed-capacity cache whose valid length is
-  an array (the compiled step's, :mod:`moedec.compiled`).
+  an array (the compiled step's, :mod:`moedec.compiled`); :func:`decode_attention_write` also writes
+  the new position into the cache, and :func:`decode_attention_qkv` takes the joined q/k/v
+  projection's output before RoPE and applies the RoPE itself.
 * :func:`copy` and :func:`spin`: for measuring copy bandwidth and GPU time (``examples/bench_kernel.py``).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 
-from .fused import FLOATS, THREADS, _kernel, _scalar
+from .fused import FLOATS, SMALL, THREADS, _kernel, _scalar
 
 
 # -- residual add + RMSNorm ------------------------------------------------------------------------
@@ -48,8 +52,14 @@ ATTENTION_WARPS = 8  # per block (one block per (batch, head)) of the ATTENTION 
 def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
     """``None`` if :func:`decode_attention` can attend these one-token queries over ``keys``."""
     b, h, n, d = queries.shape
-    if n != 1 or queries.dtype not in FLOATS or keys.dtype != queries.dtype:
-        return "one query position, float queries and keys of one dtype"
+    if n != 1:
+        return "one query position"
+    return _why_not_heads(queries.dtype, b, h, d, keys)
+
+
+def _why_not_heads(dtype, b: int, h: int, d: int, keys: mx.array) -> str | None:
+    if dtype not in FLOATS or keys.dtype != dtype:
+        return "float queries and keys of one dtype"
     if d % 32 or d > 256 or keys.shape[3] != d or keys.shape[0] != b or h % keys.shape[1]:
         return "head size a multiple of 32 up to 256, whole query heads per key/value head"
     return None
@@ -62,9 +72,12 @@ def attention_template(dtype, d: int, h: int, hkv: int) -> list:
 
 def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float) -> mx.array:
     """Softmax attention of ``queries [B, H, 1, D]`` over positions ``0..offset`` of ``keys`` /
-    ``values [B, Hkv, C, D]`` (``offset``: a 0-d int32 array, so the length can change without a new
-    graph); check :func:`why_not_decode_attention` first."""
-    (o,) = _attention("attention", queries, keys, [values, offset, _scalar(float(scale))], [queries.shape])
+    ``values [B, Hkv, C, D]`` (``offset``: an int32 array, its element 0 read, so the length can change
+    without a new graph; one of 16 bytes or more stays in device memory, see :data:`.fused.SMALL`);
+    check :func:`why_not_decode_attention` first."""
+    b, h, _, d = queries.shape
+    (o,) = _attention("attention", [queries, keys, values, offset, _scalar(float(scale))], attention_template(
+        queries.dtype, d, h, keys.shape[1]), [queries.shape])
     return o
 
 
@@ -74,18 +87,58 @@ def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, 
     position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
     ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set (later
     ones unwritten). Check :func:`why_not_decode_attention` first."""
-    return tuple(_attention("attention_write", queries, keys, [values, new_keys, new_values, offset, _scalar(float(scale))],
-                            [queries.shape, keys.shape, values.shape]))
-
-
-def _attention(name: str, queries: mx.array, keys: mx.array, rest: list, output_shapes: list) -> list:
-    """Launch attention kernel ``name`` (inputs ``queries, keys, *rest``): one block of
-    ATTENTION_WARPS warps per (batch, query head), outputs in the queries' dtype."""
     b, h, _, d = queries.shape
+    return tuple(_attention("attention_write", [queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
+                            attention_template(queries.dtype, d, h, keys.shape[1]), [queries.shape, keys.shape, values.shape]))
+
+
+def rope_spec(rope) -> tuple[int, bool, float, float] | None:
+    """``(dims, traditional, base, scale)`` of a plain ``mlx.nn.RoPE`` (what :func:`decode_attention_qkv`
+    applies), else ``None`` (a RoPE with its own frequencies or scaling rule)."""
+    if type(rope) is not nn.RoPE:
+        return None
+    return int(rope.dims), bool(rope.traditional), float(rope.base), float(rope.scale)
+
+
+def why_not_attention_qkv(qkv: mx.array, keys: mx.array, heads: int, rope: tuple | None) -> str | None:
+    """``None`` if :func:`decode_attention_qkv` can take this joined ``qkv [B, 1, H + 2 Hkv, D]`` row,
+    ``keys [B, Hkv, C, D]`` and ``rope`` (:func:`rope_spec`), else why not."""
+    if rope is None:
+        return "not a plain mlx.nn.RoPE"
+    b, n, rows, d = qkv.shape
+    hkv = keys.shape[1]
+    if n != 1 or rows != heads + 2 * hkv or keys.shape[0] != b:
+        return "one position of query, key and value heads, as many key/value heads as the cache"
+    dims = rope[0]
+    if dims % 2 or not 0 < dims <= d:
+        return "an even number of rotated dimensions, at most the head size"
+    return _why_not_heads(qkv.dtype, b, heads, d, keys)
+
+
+def decode_attention_qkv(qkv: mx.array, keys: mx.array, values: mx.array, offset: mx.array, scale: float, heads: int,
+                         rope: tuple) -> tuple[mx.array, mx.array, mx.array]:
+    """:func:`decode_attention_write` from the joined projection's output ``qkv [B, 1, H + 2 Hkv, D]``
+    (query, key, value heads) before RoPE: the kernel rotates the query and the new key at position
+    ``offset`` as ``mlx.nn.RoPE(*rope)`` does (``rope``: :func:`rope_spec`). ``(output [B, 1, H * D],
+    keys', values')``; check :func:`why_not_attention_qkv` first."""
+    b, _, _, d = qkv.shape
+    dims, traditional, base, rope_scale = rope
+    log2_base = float(np.log2(np.float32(base)))  # as MLX's rope computes it, in float32
+    template = attention_template(qkv.dtype, d, heads, keys.shape[1]) + [("R", dims), ("TRAD", traditional)]
+    return tuple(_attention("attention_qkv", [qkv, keys, values, offset, _scalar(float(scale)),
+                                              mx.array([log2_base, rope_scale] + [0.0] * (SMALL - 2), mx.float32)],
+                            template, [(b, 1, heads * d), keys.shape, values.shape], b * heads))
+
+
+def _attention(name: str, inputs: list, template: list, output_shapes: list, blocks: int | None = None) -> list:
+    """Launch attention kernel ``name``: one block of ATTENTION_WARPS warps per (batch, query head)
+    (``blocks``; default: the queries' ``B * H``), outputs in the first input's dtype."""
+    if blocks is None:
+        blocks = inputs[0].shape[0] * inputs[0].shape[1]
     return _kernel(name)(
-        inputs=[queries, keys, *rest], template=attention_template(queries.dtype, d, h, keys.shape[1]),
-        grid=(b * h * 32 * ATTENTION_WARPS, 1, 1), threadgroup=(32 * ATTENTION_WARPS, 1, 1),
-        output_shapes=output_shapes, output_dtypes=[queries.dtype] * len(output_shapes),
+        inputs=inputs, template=template, grid=(blocks * 32 * ATTENTION_WARPS, 1, 1),
+        threadgroup=(32 * ATTENTION_WARPS, 1, 1), output_shapes=output_shapes,
+        output_dtypes=[inputs[0].dtype] * len(output_shapes),
     )
 
 

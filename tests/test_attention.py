@@ -49,6 +49,36 @@ def test_joined_attention_gives_mlx_lm_outputs(overrides):
     assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
 
 
+def test_a_cache_that_attends_the_joined_row_gets_it_before_rope():
+    """A one-token forward whose cache offers ``attend_qkv`` (the compiled step's on CUDA, which hands
+    it to one kernel) passes it the joined q/k/v output before RoPE, the query heads and the layer's
+    RoPE, and feeds what it returns to o_proj: with a reference ``attend_qkv`` (RoPE, cache write,
+    attention in MLX) the logits are mlx-lm's."""
+    from mlx_lm.models.cache import KVCache
+
+    calls = []
+
+    class Reference(KVCache):
+        def attend_qkv(self, qkv, heads, rope, scale):  # qkv [B, 1, H + 2 Hkv, D]
+            hkv = (qkv.shape[2] - heads) // 2
+            x = qkv.transpose(0, 2, 1, 3)  # [B, H + 2 Hkv, 1, D]
+            q, k = rope(x[:, :heads], offset=self.offset), rope(x[:, heads:heads + hkv], offset=self.offset)
+            keys, values = self.update_and_fetch(k, x[:, heads + hkv:])
+            calls.append(qkv.shape)
+            o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale)  # [B, H, 1, D]
+            return o.transpose(0, 2, 1, 3).reshape(qkv.shape[0], 1, -1)
+
+    model = quantized_glm(use_qk_norm=False)
+    ref = decode_logits(model, [1, 2, 3, 4], 5)
+    patch_attention(model, True)
+    cache = [Reference() for _ in model.layers]
+    got = [model(mx.array([[1, 2, 3, 4]]), cache=cache)[0, -1]]
+    for _ in range(5):
+        got.append(model(mx.argmax(got[-1]).reshape(1, 1), cache=cache)[0, -1])
+    assert len(calls) == 5 * len(model.layers)  # the decode forwards only; prefill keeps update_and_fetch
+    assert all(mx.allclose(a, b, atol=1e-5, rtol=1e-5).item() for a, b in zip(ref, got))
+
+
 def test_projections_keep_their_weights_and_no_memory_is_added():
     import gc
 
@@ -95,6 +125,25 @@ def test_compiled_step_traces_the_joined_attention(monkeypatch, qk_norm):
     attn = attention_layers(model)[0]
     assert attn.__dict__["_moedec_plan"].reason is None  # joined for the trace
     assert not any(hasattr(type(m), "_moedec_fused_attention") for m in attention_layers(model))
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
+@pytest.mark.gpu
+def test_compiled_step_on_the_gpu_applies_rope_in_the_attention_kernel(monkeypatch):
+    """On CUDA the compiled step hands each joined layer's q/k/v row to one kernel (RoPE, attention
+    and the cache write): float32, the same tokens as the plain step."""
+    from moedec.kernels import ops
+
+    monkeypatch.setattr(compiled, "CHUNK", 8)  # several traces, and steps across the growth
+    model = quantized_glm(use_qk_norm=False, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
+    ref = moedec.generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=False).tokens
+    calls = []
+    kernel = ops.decode_attention_qkv
+    monkeypatch.setattr(ops, "decode_attention_qkv", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    dec = moedec.stream_generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=True)
+    got = tuple(t for c in dec for t in c.tokens)
+    assert dec.compile_reason is None and got == tuple(ref)
+    assert calls and len(calls) % len(model.layers) == 0  # every layer, in every trace
 
 
 def test_patch_does_not_join_attention():

@@ -384,17 +384,21 @@ def test_kernel_sources_compile_for_hopper_without_spills(bits, group, d, n, dty
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
-@pytest.mark.parametrize("name", ["attention", "attention_write"])
+@pytest.mark.parametrize("name", ["attention", "attention_write", "attention_qkv"])
 def test_decode_attention_kernels_compile_for_hopper_without_spills(name):
-    """Both decode-attention kernels (reading the cache, and writing the new one) compile for sm_90a
-    as MLX assembles them, with everything in registers."""
+    """The decode-attention kernels (reading the cache, writing the new one, and taking the joined
+    q/k/v row before RoPE) compile for sm_90a as MLX assembles them, with everything in registers."""
     from moedec.kernels.ops import attention_template
     from moedec.kernels.resources import kernel_source, resources
 
     for dtype, d, h, hkv in ((mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)):
         xt = str(dtype).rsplit(".", 1)[-1]
-        dtypes = {**dict.fromkeys(["q", "k", "v", "kn", "vn", "o", "kc", "vc"], xt), "offset": "int32", "scale": "float32"}
-        report = resources(kernel_source(name, attention_template(dtype, d, h, hkv), dtypes))
+        names = ["q", "k", "v", "kn", "vn", "o", "kc", "vc", "qkv"]
+        dtypes = {**dict.fromkeys(names, xt), "offset": "int32", "scale": "float32", "rope": "float32"}
+        template = attention_template(dtype, d, h, hkv)
+        if name == "attention_qkv":
+            template += [("R", d // 2), ("TRAD", dtype == mx.float32)]
+        report = resources(kernel_source(name, template, dtypes))
         assert "Used" in report and " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} {xt} {d}: {report}"
 
 
@@ -427,6 +431,41 @@ def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv)
         assert mx.array_equal(kc[:, :, :n], k[:, :, :n]).item() and mx.array_equal(vc[:, :, :n], v[:, :, :n]).item(), offset
 
 
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d,h,hkv,dims,traditional", [(mx.bfloat16, 128, 32, 8, 64, False),
+                                                             (mx.float32, 64, 4, 4, 64, True),
+                                                             (mx.float16, 32, 8, 2, 16, False)])
+def test_decode_attention_qkv_equals_rope_then_the_writing_kernel(dtype, d, h, hkv, dims, traditional):
+    """The kernel that takes the joined q/k/v row before RoPE: the same output and cache bits as
+    mlx.nn.RoPE on the query and key heads followed by decode_attention_write (float32: within an
+    ulp or so of them)."""
+    import mlx.nn as nn
+
+    from moedec.kernels.ops import decode_attention_qkv, decode_attention_write, rope_spec, why_not_attention_qkv
+
+    c = 300
+    qkv = mx.random.normal((1, 1, h + 2 * hkv, d), key=mx.random.key(1)).astype(dtype)
+    k = mx.random.normal((1, hkv, c, d), key=mx.random.key(2)).astype(dtype)
+    v = mx.random.normal((1, hkv, c, d), key=mx.random.key(3)).astype(dtype)
+    rope = nn.RoPE(dims, traditional=traditional, base=1e6 if traditional else 1e4, scale=0.5 if traditional else 1.0)
+    assert why_not_attention_qkv(qkv, k, h, rope_spec(rope)) is None
+    heads = qkv.transpose(0, 2, 1, 3)  # [1, H + 2 HKV, 1, D]
+    for offset in (0, 1, 17, 130, c - 1):
+        at = mx.array(offset, dtype=mx.int32)
+        q, kn, vn = rope(heads[:, :h], offset=at), rope(heads[:, h:h + hkv], offset=at), heads[:, h + hkv:]
+        ref = decode_attention_write(q, k, v, kn, vn, at, d**-0.5)
+        got = decode_attention_qkv(qkv, k, v, at, d**-0.5, h, rope_spec(rope))
+        n = offset + 1
+        pairs = [(got[0].reshape(ref[0].shape), ref[0]), (got[1][:, :, :n], ref[1][:, :, :n]),
+                 (got[2][:, :, :n], ref[2][:, :, :n])]
+        assert got[0].shape == (1, 1, h * d)
+        if dtype == mx.float32:  # MLX's RoPE kernel is built by another compiler: the angle's last bit may differ
+            assert all(mx.allclose(g, r, rtol=1e-6, atol=1e-6).item() for g, r in pairs), offset
+        else:
+            assert all(mx.array_equal(g, r).item() for g, r in pairs), offset
+
+
 def test_decode_attention_eligibility():
     """The compiled step's attention kernel takes one query position and heads of 32..256 (pure
     Python checks; the kernel itself is checked on the GPU above)."""
@@ -437,6 +476,26 @@ def test_decode_attention_eligibility():
     assert why_not_decode_attention(mx.zeros((1, 8, 2, 128), mx.bfloat16), k) is not None  # two positions
     assert why_not_decode_attention(q, k.astype(mx.float16)) is not None
     assert why_not_decode_attention(mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16)) is not None
+
+
+def test_joined_attention_kernel_eligibility():
+    """decode_attention_qkv takes a plain mlx.nn.RoPE of an even number of dimensions up to the head
+    size, and one position of exactly the cache's heads (pure Python checks)."""
+    import mlx.nn as nn
+    from mlx_lm.models.rope_utils import Llama3RoPE
+
+    from moedec.kernels.ops import rope_spec, why_not_attention_qkv
+
+    k = mx.zeros((1, 2, 64, 128), mx.bfloat16)
+    spec = rope_spec(nn.RoPE(64, base=1e4))
+    assert spec == (64, False, 1e4, 1.0)
+    assert why_not_attention_qkv(mx.zeros((1, 1, 12, 128), mx.bfloat16), k, 8, spec) is None
+    assert rope_spec(Llama3RoPE(64, 8192, False, 1e4, {"factor": 8.0})) is None  # its own frequencies
+    assert why_not_attention_qkv(mx.zeros((1, 1, 12, 128), mx.bfloat16), k, 8, None) is not None
+    assert why_not_attention_qkv(mx.zeros((1, 2, 12, 128), mx.bfloat16), k, 8, spec) is not None  # two positions
+    assert why_not_attention_qkv(mx.zeros((1, 1, 14, 128), mx.bfloat16), k, 8, spec) is not None  # not H + 2 Hkv rows
+    assert why_not_attention_qkv(mx.zeros((1, 1, 12, 128), mx.bfloat16), k, 8, (130, False, 1e4, 1.0)) is not None
+    assert why_not_attention_qkv(mx.zeros((1, 1, 12, 128), mx.float16), k, 8, spec) is not None  # dtypes differ
 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
