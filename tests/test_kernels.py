@@ -478,6 +478,42 @@ def test_decode_attention_eligibility():
     assert why_not_decode_attention(mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16)) is not None
 
 
+def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
+    """MLX keeps arrays of at most 8 bytes in one unified-memory pool that the host reads too, and a
+    kernel reaches them across the bus (docs/benchmarks.md, session 8: an atomic counter there cost
+    ~20 us per router launch). Every input of the small kernels (their scalars, the router's block
+    counter, the offset as the compiled step passes it) is larger. Launches are recorded, not run."""
+    import mlx.nn as nn
+
+    from moedec import compiled
+    from moedec.kernels import ops, router
+
+    launched = []
+
+    def recorder(name, shared_memory=0):
+        def launch(inputs, output_shapes, output_dtypes, **_):
+            launched.append((name, inputs))
+            return [mx.zeros(shape, dtype) for shape, dtype in zip(output_shapes, output_dtypes)]
+        return launch
+
+    monkeypatch.setattr(ops, "_kernel", recorder)
+    monkeypatch.setattr(router, "_kernel", recorder)
+    bf = mx.bfloat16
+    cache = compiled.StaticKVCache(mx.zeros((1, 2, 16, 32), bf), mx.zeros((1, 2, 16, 32), bf),
+                                   {"offset": mx.array(3, dtype=mx.int32)})
+    at = cache.kernel_offset
+    assert at.dtype == mx.int32 and at[0].item() == 3 and cache.kernel_offset is at  # once per step
+    q, k, one = mx.zeros((1, 4, 1, 32), bf), cache.state["keys"], mx.zeros((1, 2, 1, 32), bf)
+    ops.add_rms_norm(mx.zeros((1, 64), bf), mx.zeros((1, 64), bf), mx.ones((64,), bf), 1e-5)
+    ops.decode_attention(q, k, k, at, 0.1)
+    ops.decode_attention_write(q, k, k, one, one, at, 0.1)
+    ops.decode_attention_qkv(mx.zeros((1, 1, 8, 32), bf), k, k, at, 0.1, 4, ops.rope_spec(nn.RoPE(16)))
+    router.fused_router(_glm_block(bits=None, dtype=bf).gate, mx.zeros((1, 1, 128), bf))
+    assert {name for name, _ in launched} == {"add_norm", "attention", "attention_write", "attention_qkv", "router"}
+    for name, inputs in launched:
+        assert all(a.nbytes > 8 for a in inputs), (name, [(a.shape, a.dtype) for a in inputs if a.nbytes <= 8])
+
+
 def test_joined_attention_kernel_eligibility():
     """decode_attention_qkv takes a plain mlx.nn.RoPE of an even number of dimensions up to the head
     size, and one position of exactly the cache's heads (pure Python checks)."""
