@@ -341,9 +341,11 @@ SMALL = 4
 
 
 @functools.lru_cache(maxsize=64)
-def _scalar(v: float) -> mx.array:
-    """``v`` for a kernel's scalar input (read as element 0), padded to :data:`SMALL` elements."""
-    return mx.array([v] + [0.0] * (SMALL - 1), mx.float32)
+def _scalar(*values: float) -> mx.array:
+    """A kernel's small float32 input (``values`` from element 0), padded to :data:`SMALL` elements;
+    made once per value (a new array from the host would be paged over to the GPU on every call)."""
+    assert 1 <= len(values) <= SMALL
+    return mx.array(list(values) + [0.0] * (SMALL - len(values)), mx.float32)
 
 
 @functools.lru_cache(maxsize=8)

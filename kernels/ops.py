@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .fused import FLOATS, SMALL, THREADS, _kernel, _scalar
+from .fused import FLOATS, THREADS, _kernel, _scalar
 
 
 # -- residual add + RMSNorm ------------------------------------------------------------------------
@@ -125,9 +125,8 @@ def decode_attention_qkv(qkv: mx.array, keys: mx.array, values: mx.array, offset
     dims, traditional, base, rope_scale = rope
     log2_base = float(np.log2(np.float32(base)))  # as MLX's rope computes it, in float32
     template = attention_template(qkv.dtype, d, heads, keys.shape[1]) + [("R", dims), ("TRAD", traditional)]
-    return tuple(_attention("attention_qkv", [qkv, keys, values, offset, _scalar(float(scale)),
-                                              mx.array([log2_base, rope_scale] + [0.0] * (SMALL - 2), mx.float32)],
-                            template, [(b, 1, heads * d), keys.shape, values.shape], b * heads))
+    inputs = [qkv, keys, values, offset, _scalar(float(scale)), _scalar(log2_base, rope_scale)]
+    return tuple(_attention("attention_qkv", inputs, template, [(b, 1, heads * d), keys.shape, values.shape], b * heads))
 
 
 def _attention(name: str, inputs: list, template: list, output_shapes: list, blocks: int | None = None) -> list:
