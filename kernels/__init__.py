@@ -10,7 +10,8 @@
 
 :func:`joined` (used while the compiled decode step is traced, :mod:`moedec.compiled`) also lets
 every GLM-4.x attention layer compute its queries, keys and values in one quantized matmul and
-their RoPE in one call (:mod:`moedec.kernels.attention`), and every GLM-4.x decoder layer join its
+their RoPE in one call (in the compiled step on CUDA: inside the attention kernel,
+:mod:`moedec.kernels.attention`), and every GLM-4.x decoder layer join its
 residual add and norm and hand its fused MoE block the residual (:mod:`moedec.kernels.layer`),
 and on CUDA gives the 4-bit dense layers (attention projections, dense MLPs, LM head) the
 tensor-core kernel of :mod:`moedec.kernels.dense`: fewer and faster kernels per step.

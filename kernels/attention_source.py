@@ -4,9 +4,10 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 
 # Decode attention over a fixed-capacity cache whose valid length is an array (the compiled step's
 # cache, moedec.compiled): MLX's fused attention takes no mask on CUDA, and a masked one falls back to
-# several kernels. Template: X dtype, D head size (a multiple of 32, at most 256), H query heads, HKV
-# key/value heads, NW warps per block. Inputs q [B, H, 1, D], k, v [B, HKV, C, D], offset [] int32 (the new token's
-# position: positions 0..offset attend), scale [1]. Output o [B, H, 1, D]. One block of NW warps per
+# several kernels. Template: X dtype, D head size (32, 64, 128 or 256: a lane's EPL elements are one
+# aligned load), H query heads, HKV key/value heads, NW warps per block. Inputs q [B, H, 1, D], k, v
+# [B, HKV, C, D], offset [SMALL] int32 (element 0: the new token's position; positions 0..offset
+# attend), scale [SMALL] (element 0). Output o [B, H, 1, D]. One block of NW warps per
 # (batch, head); warp w takes positions in runs of U (runs w, w + NW, ..): it loads the run's U keys and
 # values at once (independent loads in flight together), sums the U scores across lanes, and folds the
 # run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
@@ -17,7 +18,7 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 # ATTENTION_QKV (WRITE, and the inputs from one row): the query, key and value heads come as the joined
 # projection's output qkv [B, 1, H + 2 HKV, D] (query heads, then key heads, then value heads), before
 # RoPE; the kernel rotates the query and the new key (moedec::rope_part; template R rotated dims, TRAD,
-# input rope [2]: log2 of the base, position scale), so the RoPE kernel and the copies that split the
+# input rope [SMALL]: log2 of the base, position scale), so the RoPE kernel and the copies that split the
 # heads go. Output o [B, 1, H * D].
 ATTENTION = r"""
   constexpr int EPL = D / 32, U = 8;

@@ -60,8 +60,8 @@ def why_not_decode_attention(queries: mx.array, keys: mx.array) -> str | None:
 def _why_not_heads(dtype, b: int, h: int, d: int, keys: mx.array) -> str | None:
     if dtype not in FLOATS or keys.dtype != dtype:
         return "float queries and keys of one dtype"
-    if d % 32 or d > 256 or keys.shape[3] != d or keys.shape[0] != b or h % keys.shape[1]:
-        return "head size a multiple of 32 up to 256, whole query heads per key/value head"
+    if d not in (32, 64, 128, 256) or keys.shape[3] != d or keys.shape[0] != b or h % keys.shape[1]:
+        return "head size 32, 64, 128 or 256 (a lane's part of a row is one aligned load), whole query heads per key/value head"
     return None
 
 
@@ -75,9 +75,7 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
     ``values [B, Hkv, C, D]`` (``offset``: an int32 array, its element 0 read, so the length can change
     without a new graph; one of 16 bytes or more stays in device memory, see :data:`.fused.SMALL`);
     check :func:`why_not_decode_attention` first."""
-    b, h, _, d = queries.shape
-    (o,) = _attention("attention", [queries, keys, values, offset, _scalar(float(scale))], attention_template(
-        queries.dtype, d, h, keys.shape[1]), [queries.shape])
+    (o,) = _attention("attention", [queries, keys, values, offset, _scalar(float(scale))], [queries.shape])
     return o
 
 
@@ -87,9 +85,8 @@ def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, 
     position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
     ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set (later
     ones unwritten). Check :func:`why_not_decode_attention` first."""
-    b, h, _, d = queries.shape
     return tuple(_attention("attention_write", [queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
-                            attention_template(queries.dtype, d, h, keys.shape[1]), [queries.shape, keys.shape, values.shape]))
+                            [queries.shape, keys.shape, values.shape]))
 
 
 def rope_spec(rope) -> tuple[int, bool, float, float] | None:
@@ -124,18 +121,22 @@ def decode_attention_qkv(qkv: mx.array, keys: mx.array, values: mx.array, offset
     b, _, _, d = qkv.shape
     dims, traditional, base, rope_scale = rope
     log2_base = float(np.log2(np.float32(base)))  # as MLX's rope computes it, in float32
-    template = attention_template(qkv.dtype, d, heads, keys.shape[1]) + [("R", dims), ("TRAD", traditional)]
     inputs = [qkv, keys, values, offset, _scalar(float(scale)), _scalar(log2_base, rope_scale)]
-    return tuple(_attention("attention_qkv", inputs, template, [(b, 1, heads * d), keys.shape, values.shape], b * heads))
+    return tuple(_attention("attention_qkv", inputs, [(b, 1, heads * d), keys.shape, values.shape], heads,
+                            [("R", dims), ("TRAD", traditional)]))
 
 
-def _attention(name: str, inputs: list, template: list, output_shapes: list, blocks: int | None = None) -> list:
-    """Launch attention kernel ``name``: one block of ATTENTION_WARPS warps per (batch, query head)
-    (``blocks``; default: the queries' ``B * H``), outputs in the first input's dtype."""
-    if blocks is None:
-        blocks = inputs[0].shape[0] * inputs[0].shape[1]
+def _attention(name: str, inputs: list, output_shapes: list, heads: int | None = None, extra: list = ()) -> list:
+    """Launch attention kernel ``name`` on ``inputs``: the queries ``[B, H, 1, D]`` (or, with ``heads``,
+    the joined ``qkv [B, 1, H + 2 Hkv, D]``), the keys ``[B, Hkv, C, D]``, then the rest. One block of
+    ATTENTION_WARPS warps per (batch, query head); template: :func:`attention_template`'s arguments,
+    then ``extra``; outputs in the first input's dtype."""
+    first, keys = inputs[0], inputs[1]
+    b, d = first.shape[0], first.shape[3]
+    h = first.shape[1] if heads is None else heads
     return _kernel(name)(
-        inputs=inputs, template=template, grid=(blocks * 32 * ATTENTION_WARPS, 1, 1),
+        inputs=inputs, template=attention_template(first.dtype, d, h, keys.shape[1]) + list(extra),
+        grid=(b * h * 32 * ATTENTION_WARPS, 1, 1),
         threadgroup=(32 * ATTENTION_WARPS, 1, 1), output_shapes=output_shapes,
         output_dtypes=[inputs[0].dtype] * len(output_shapes),
     )

@@ -10,7 +10,7 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .fused import FLOATS, MAX_EXPERTS, SMALL, _kernel, _plan, _scalar
+from .fused import FLOATS, MAX_EXPERTS, MAX_TOKENS, SMALL, _kernel, _plan, _scalar
 
 ROUTER_WARPS = 4  # warps per block of the router kernel (one per (token, expert) logit)
 
@@ -71,6 +71,8 @@ def why_not_router(gate, x: mx.array) -> str | None:
         return plan.reason
     if x.shape[-1] != plan.width or x.dtype not in FLOATS:
         return "activations must be float, as wide as the router"
+    if x.size // plan.width > MAX_TOKENS:  # one block selects for every token
+        return f"more than {MAX_TOKENS} tokens (prefill keeps the stock path)"
     return None
 
 

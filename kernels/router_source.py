@@ -6,9 +6,9 @@ normalisation and scaling). Its Python side is :mod:`.router`.
 
 # ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
 # B correction-bias dtype, DIN hidden size, NE experts, K top-k, NG groups, TG groups kept, NORM
-# normalise the top-k weights, NW warps per block. Inputs x [T, D], w [E, D], bias [E], rsf [1] (scaling
-# factor), done [1] uint32 (a block counter, zero; the last block puts it back to zero, so a counter
-# that launches share one after another works too). Outputs logits [T, E] float32 (scratch), inds
+# normalise the top-k weights, NW warps per block. Inputs x [T, D], w [E, D], bias [E], rsf [SMALL]
+# (element 0: the scaling factor), done [SMALL] uint32 (element 0: a block counter, zero; the last
+# block puts it back to zero, so a counter that launches share one after another works too). Outputs logits [T, E] float32 (scratch), inds
 # [T, K] int32, scores [T, K] float32. Every block writes its warps' logits, then counts itself done;
 # the block that counts last sees every logit (each block fenced its writes before counting) and
 # selects for all T tokens, a warp per token: one kernel on the step's path instead of a logits and a

@@ -476,6 +476,20 @@ def test_decode_attention_eligibility():
     assert why_not_decode_attention(mx.zeros((1, 8, 2, 128), mx.bfloat16), k) is not None  # two positions
     assert why_not_decode_attention(q, k.astype(mx.float16)) is not None
     assert why_not_decode_attention(mx.zeros((1, 8, 1, 48), mx.bfloat16), mx.zeros((1, 2, 64, 48), mx.bfloat16)) is not None
+    # 96 = 3 * 32: a lane's three elements are no aligned load (the kernel does not compile)
+    assert why_not_decode_attention(mx.zeros((1, 8, 1, 96), mx.bfloat16), mx.zeros((1, 2, 64, 96), mx.bfloat16)) is not None
+
+
+def test_router_eligibility():
+    """The router kernel takes decode and verify forwards; prefill keeps mlx-lm's gate (one block
+    selects for every token). Pure Python checks."""
+    from moedec.kernels.fused import MAX_TOKENS
+    from moedec.kernels.router import why_not_router
+
+    gate = _glm_block(bits=None, dtype=mx.bfloat16).gate
+    assert why_not_router(gate, mx.zeros((1, MAX_TOKENS, 128), mx.bfloat16)) is None
+    assert "prefill" in why_not_router(gate, mx.zeros((1, MAX_TOKENS + 1, 128), mx.bfloat16))
+    assert why_not_router(gate, mx.zeros((1, 1, 64), mx.bfloat16)) is not None  # not the router's width
 
 
 def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
