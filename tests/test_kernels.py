@@ -528,6 +528,32 @@ def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
         assert all(a.nbytes > 8 for a in inputs), (name, [(a.shape, a.dtype) for a in inputs if a.nbytes <= 8])
 
 
+def test_rope_kernel_gets_the_log2_of_the_base_that_mlx_computes(monkeypatch):
+    """MLX's RoPE kernel gets std::log2(float(base)) from the host; the joined attention kernel gets
+    the same float32 (checked against the C library's log2f, for a base where numpy's float32 log2
+    is one ulp off), so both rotate by the same angles."""
+    import ctypes
+    import ctypes.util
+
+    import mlx.nn as nn
+
+    from moedec.kernels import ops
+
+    libm = ctypes.util.find_library("m")
+    if libm is None:
+        pytest.skip("no C math library")
+    log2f = ctypes.CDLL(libm).log2f
+    log2f.restype, log2f.argtypes = ctypes.c_float, [ctypes.c_float]
+    got = []
+    monkeypatch.setattr(ops, "_kernel", lambda name: lambda inputs, **_: got.append(inputs[5]) or [None] * 3)
+    k = mx.zeros((1, 2, 16, 32), mx.bfloat16)
+    for base in (1e4, 1e6, 91369088.0):
+        ops.decode_attention_qkv(mx.zeros((1, 1, 8, 32), mx.bfloat16), k, k, mx.zeros((4,), mx.int32), 0.1, 4,
+                                 ops.rope_spec(nn.RoPE(16, base=base)))
+        assert got[-1].tolist()[:2] == [log2f(float(np.float32(base))), 1.0], base
+    assert np.log2(np.float32(91369088.0)) != np.float32(log2f(91369088.0))  # the case numpy gets wrong
+
+
 def test_joined_attention_kernel_eligibility():
     """decode_attention_qkv takes a plain mlx.nn.RoPE of an even number of dimensions up to the head
     size, and one position of exactly the cache's heads (pure Python checks)."""
