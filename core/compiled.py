@@ -79,10 +79,13 @@ class StaticKVCache:
         across the bus (:data:`moedec.kernels.fused.SMALL`)."""
         from moedec.kernels.fused import SMALL
 
-        at = self.shared.get("offset")
-        if at is None:
-            at = self.shared["offset"] = self.pos["offset"] + mx.zeros((SMALL,), mx.int32)
-        return at
+        return self._per_step("offset", lambda: self.pos["offset"] + mx.zeros((SMALL,), mx.int32))
+
+    def _per_step(self, key: str, make) -> mx.array:
+        """``make()``, once per step for every layer (``shared`` is cleared as each step is traced)."""
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
 
     def update_and_fetch(self, keys, values):
         if keys.shape[2] == 1:
@@ -98,9 +101,7 @@ class StaticKVCache:
 
     def _select(self, keys, values) -> None:
         """Write one position with a select over the buffer (no dynamic-offset copy and offset kernels)."""
-        at = self.shared.get("at")  # one position mask per step, not one per layer
-        if at is None:
-            at = self.shared["at"] = (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None]  # [C, 1]
+        at = self._per_step("at", lambda: (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None])  # [C, 1]
         self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
         self.state["values"] = mx.where(at, values, self.state["values"])
 

@@ -142,7 +142,7 @@ def _attention(name: str, inputs: list, output_shapes: list, heads: int | None =
         inputs=inputs, template=attention_template(first.dtype, d, h, keys.shape[1]) + list(extra),
         grid=(b * h * 32 * ATTENTION_WARPS, 1, 1),
         threadgroup=(32 * ATTENTION_WARPS, 1, 1), output_shapes=output_shapes,
-        output_dtypes=[inputs[0].dtype] * len(output_shapes),
+        output_dtypes=[first.dtype] * len(output_shapes),
     )
 
 

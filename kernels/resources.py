@@ -70,8 +70,9 @@ def kernel_dtypes(x_dtype=mx.bfloat16) -> dict[str, str]:
     xt = str(x_dtype).rsplit(".", 1)[-1]
     halves = dict.fromkeys(["w", "bias", "sc", "bi", "sg", "bg", "su", "bu", "hsg", "hbg", "hsu", "hbu", "sd", "bd", "hsd", "hbd"],
                            "bfloat16")
-    return {**halves, **dict.fromkeys(["x", "act", "y", "res", "r", "h", "n"], xt), "inds": "int32", "meta": "int32",
-            "rsf": "float32", "scores": "float32", "logits": "float32"}
+    acts = ["x", "act", "y", "res", "r", "h", "n", "q", "k", "v", "kn", "vn", "o", "kc", "vc", "qkv"]
+    return {**halves, **dict.fromkeys(acts, xt), "inds": "int32", "meta": "int32", "offset": "int32",
+            **dict.fromkeys(["rsf", "scores", "logits", "scale", "rope", "eps"], "float32")}
 
 
 def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 64,

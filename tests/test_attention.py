@@ -16,12 +16,12 @@ from helpers import quantized_glm
 on_gpu = kernels.device_backend() in kernels.BACKENDS
 
 
-def decode_logits(model, prompt, steps, feed=None):
+def decode_logits(model, prompt, steps, feed=None, cache=None):
     """Prefill ``prompt``, then ``steps`` single-token forwards of the greedy tokens (or of ``feed``):
-    every forward's last logits."""
+    every forward's last logits (through ``cache``, default mlx-lm's)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    cache = make_prompt_cache(model) if cache is None else cache
     out = [model(mx.array([prompt]), cache=cache)[0, -1]]
     for i in range(steps):
         y = mx.argmax(out[-1]) if feed is None else mx.array(feed[i])
@@ -71,10 +71,7 @@ def test_a_cache_that_attends_the_joined_row_gets_it_before_rope():
     model = quantized_glm(use_qk_norm=False)
     ref = decode_logits(model, [1, 2, 3, 4], 5)
     patch_attention(model, True)
-    cache = [Reference() for _ in model.layers]
-    got = [model(mx.array([[1, 2, 3, 4]]), cache=cache)[0, -1]]
-    for _ in range(5):
-        got.append(model(mx.argmax(got[-1]).reshape(1, 1), cache=cache)[0, -1])
+    got = decode_logits(model, [1, 2, 3, 4], 5, cache=[Reference() for _ in model.layers])
     assert len(calls) == 5 * len(model.layers)  # the decode forwards only; prefill keeps update_and_fetch
     assert all(mx.allclose(a, b, atol=1e-5, rtol=1e-5).item() for a, b in zip(ref, got))
 

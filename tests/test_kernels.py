@@ -389,17 +389,14 @@ def test_decode_attention_kernels_compile_for_hopper_without_spills(name):
     """The decode-attention kernels (reading the cache, writing the new one, and taking the joined
     q/k/v row before RoPE) compile for sm_90a as MLX assembles them, with everything in registers."""
     from moedec.kernels.ops import attention_template
-    from moedec.kernels.resources import kernel_source, resources
+    from moedec.kernels.resources import kernel_dtypes, kernel_source, resources
 
     for dtype, d, h, hkv in ((mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)):
-        xt = str(dtype).rsplit(".", 1)[-1]
-        names = ["q", "k", "v", "kn", "vn", "o", "kc", "vc", "qkv"]
-        dtypes = {**dict.fromkeys(names, xt), "offset": "int32", "scale": "float32", "rope": "float32"}
         template = attention_template(dtype, d, h, hkv)
         if name == "attention_qkv":
             template += [("R", d // 2), ("TRAD", dtype == mx.float32)]
-        report = resources(kernel_source(name, template, dtypes))
-        assert "Used" in report and " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} {xt} {d}: {report}"
+        report = resources(kernel_source(name, template, kernel_dtypes(dtype)))
+        assert "Used" in report and " 0 bytes stack frame, 0 bytes spill stores" in report, f"{name} {dtype} {d}: {report}"
 
 
 @gpu
