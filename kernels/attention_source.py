@@ -13,8 +13,8 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 # run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
 # ATTENTION_WRITE (the same body with WRITE): the new token's key and value come as kn, vn [B, HKV, 1, D]
 # (the cache holds positions 0..offset-1), and the blocks of each key/value head's first query head
-# write positions 0..offset of the new cache kc, vc [B, HKV, C, D] (the rest stays unwritten: no
-# step reads past its offset): one kernel instead of two cache-wide selects per layer.
+# write positions 0..offset of the new cache kc, vc [B, HKV, C, D] and zeros past them (a cache with
+# no uninitialised rows): one kernel instead of two cache-wide selects per layer.
 # ATTENTION_QKV (WRITE, and the inputs from one row): the query, key and value heads come as the joined
 # projection's output qkv [B, 1, H + 2 HKV, D] (query heads, then key heads, then value heads), before
 # RoPE; the kernel rotates the query and the new key (moedec::rope_part; template R rotated dims, TRAD,
@@ -81,6 +81,15 @@ ATTENTION = r"""
       for (int i = 0; i < EPL; ++i) acc[i] = fmaf(p, moedec::to_f(vr[u].v[i]), acc[i]);
     }
     m = mn;
+  }
+  if (writer) {  // positions past the new one: zeros, so the new cache holds no stale or uninitialised rows
+    Row zero;
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) zero.v[i] = (X)0.f;
+    for (int j = L + warp; j < C; j += NW) {
+      *reinterpret_cast<Row*>(kc + at + (size_t)j * D) = zero;
+      *reinterpret_cast<Row*>(vc + at + (size_t)j * D) = zero;
+    }
   }
   if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
 #pragma unroll

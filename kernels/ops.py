@@ -85,8 +85,8 @@ def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, 
                            new_values: mx.array, offset: mx.array, scale: float) -> tuple[mx.array, mx.array, mx.array]:
     """:func:`decode_attention` with the new token's ``new_keys`` / ``new_values [B, Hkv, 1, D]`` at
     position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
-    ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set (later
-    ones unwritten). Check :func:`why_not_decode_attention` first."""
+    ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set and the
+    positions after them zero. Check :func:`why_not_decode_attention` first."""
     return tuple(_attention("attention_write", [queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
                             [queries.shape, keys.shape, values.shape]))
 

@@ -143,6 +143,34 @@ def test_compiled_step_on_the_gpu_applies_rope_in_the_attention_kernel(monkeypat
     assert calls and len(calls) % len(model.layers) == 0  # every layer, in every trace
 
 
+@pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
+@pytest.mark.gpu
+def test_compiled_step_as_the_first_fused_forward_leaves_a_clean_cache():
+    """bfloat16, the synthetic model at 1/8, the compiled step straight after a stock prefill (as the
+    engine runs it): every step's logits are finite and every layer's cache holds zeros past the
+    decoded positions. When the attention kernel left those rows unwritten, their stale bits reached
+    the second step's hidden state as NaN (and the routed experts' indices out of range)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from moedec.synthetic import synthetic_glm
+
+    model = synthetic_glm(scale=0.125, num_hidden_layers=3)
+    kernels.patch(model, "fused")
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(1, 33))]), cache=cache))  # 32 tokens: mlx-lm's path
+    steps = compiled.CompiledSteps(model, cache)
+    y = mx.array([[5]])
+    for _ in range(4):
+        logits = steps(y)
+        mx.eval(logits)
+        assert mx.isfinite(logits).all().item()
+        for c in steps.layers:
+            assert not mx.any(c.state["keys"][:, :, steps.length:]).item()
+            assert not mx.any(c.state["values"][:, :, steps.length:]).item()
+        y = mx.argmax(logits, axis=-1).reshape(1, 1)
+    kernels.patch(model, "stock")
+
+
 def test_patch_does_not_join_attention():
     model = quantized_glm()
     kernels.patch(model, "auto")

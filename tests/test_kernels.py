@@ -403,10 +403,11 @@ def test_decode_attention_kernels_compile_for_hopper_without_spills(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,d,h,hkv", [(mx.bfloat16, 128, 32, 8), (mx.float32, 64, 4, 4), (mx.float16, 32, 8, 2)])
 def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv):
-    """The compiled step's attention: positions 0..offset of a fixed-capacity cache, the rest
-    (garbage here) ignored, as MLX's attention over exactly those positions computes it. The variant
-    that takes the new token's key and value apart from the cache gives the same bits and writes
-    positions 0..offset of the new cache."""
+    """The compiled step's attention: positions 0..offset of a fixed-capacity cache, the rest (NaN
+    here) ignored, as MLX's attention over exactly those positions computes it. The variant that
+    takes the new token's key and value apart from the cache gives the same bits, writes positions
+    0..offset of the new cache and zeros after them (no step leaves uninitialised rows behind: the
+    compiled step decoded NaN from its second call when one held NaN bits)."""
     from moedec.kernels.ops import decode_attention, decode_attention_write, why_not_decode_attention
 
     c = 300  # several runs of positions per warp
@@ -415,17 +416,20 @@ def test_decode_attention_equals_sdpa_over_the_valid_positions(dtype, d, h, hkv)
     v = mx.random.normal((1, hkv, c, d), key=mx.random.key(3)).astype(dtype)
     assert why_not_decode_attention(q, k) is None
     for offset in (0, 1, 17, 63, 64, 130, c - 1):
-        got = decode_attention(q, k, v, mx.array(offset, dtype=mx.int32), d**-0.5).astype(mx.float32)
+        past = mx.arange(c)[:, None] > offset  # [C, 1]: positions not written yet
+        kp, vp = mx.where(past, float("nan"), k).astype(dtype), mx.where(past, float("nan"), v).astype(dtype)
+        got = decode_attention(q, kp, vp, mx.array(offset, dtype=mx.int32), d**-0.5).astype(mx.float32)
         n = offset + 1
         ref = mx.fast.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n], scale=d**-0.5).astype(mx.float32)
         tol = 1e-5 if dtype == mx.float32 else 1e-2
         assert mx.allclose(got, ref, atol=tol, rtol=tol).item(), (offset, float(mx.abs(got - ref).max()))
         stale = mx.arange(c)[:, None] == offset  # [C, 1]: the new position, not yet in the cache
         noise = mx.random.normal(k.shape, key=mx.random.key(4 + offset)).astype(dtype)
-        o, kc, vc = decode_attention_write(q, mx.where(stale, noise, k), mx.where(stale, noise, v), k[:, :, offset:offset + 1],
+        o, kc, vc = decode_attention_write(q, mx.where(stale, noise, kp), mx.where(stale, noise, vp), k[:, :, offset:offset + 1],
                                            v[:, :, offset:offset + 1], mx.array(offset, dtype=mx.int32), d**-0.5)
         assert mx.array_equal(o.astype(mx.float32), got).item(), offset
         assert mx.array_equal(kc[:, :, :n], k[:, :, :n]).item() and mx.array_equal(vc[:, :, :n], v[:, :, :n]).item(), offset
+        assert not mx.any(kc[:, :, n:]).item() and not mx.any(vc[:, :, n:]).item(), offset  # zeros, not NaN
 
 
 @gpu
@@ -451,12 +455,15 @@ def test_decode_attention_qkv_equals_rope_then_the_writing_kernel(dtype, d, h, h
     for offset in (0, 1, 17, 130, c - 1):
         at = mx.array(offset, dtype=mx.int32)
         q, kn, vn = rope(heads[:, :h], offset=at), rope(heads[:, h:h + hkv], offset=at), heads[:, h + hkv:]
+        past = mx.arange(c)[:, None] > offset  # [C, 1]: positions not written yet (NaN: never read)
+        kp, vp = mx.where(past, float("nan"), k).astype(dtype), mx.where(past, float("nan"), v).astype(dtype)
         ref = decode_attention_write(q, k, v, kn, vn, at, d**-0.5)
-        got = decode_attention_qkv(qkv, k, v, at, d**-0.5, h, rope_spec(rope))
+        got = decode_attention_qkv(qkv, kp, vp, at, d**-0.5, h, rope_spec(rope))
         n = offset + 1
         pairs = [(got[0].reshape(ref[0].shape), ref[0]), (got[1][:, :, :n], ref[1][:, :, :n]),
                  (got[2][:, :, :n], ref[2][:, :, :n])]
         assert got[0].shape == (1, 1, h * d)
+        assert not mx.any(got[1][:, :, n:]).item() and not mx.any(got[2][:, :, n:]).item(), offset  # zeros past the new row
         if dtype == mx.float32:  # MLX's RoPE kernel is built by another compiler: the angle's last bit may differ
             assert all(mx.allclose(g, r, rtol=1e-6, atol=1e-6).item() for g, r in pairs), offset
         else:
