@@ -40,6 +40,7 @@ from .errors import MoedecError
 COMPILABLE = frozenset({"glm4_moe", "qwen3_moe", "mixtral"})
 
 CHUNK = 256  # positions added when the fixed-capacity cache is full
+TOKEN_DTYPE = mx.uint32  # the step's token ids (what argmax and categorical sampling give)
 #: On CUDA, the decode-attention kernel also writes the new key and value into the cache (one kernel
 #: per layer instead of the attention and two cache-wide selects).
 FUSED_CACHE_WRITE = True
@@ -189,6 +190,7 @@ class CompiledSteps:
     def __init__(self, model: Any, cache: list):
         self.model, self.cache = model, cache
         self.length = cache[0].offset  # positions filled (a Python int, mirrored by pos["offset"])
+        self.traces = 0  # times mx.compile has traced the step (once per capacity when all goes well)
         self.layers: list[StaticKVCache] = []
         self._grow()
 
@@ -206,8 +208,14 @@ class CompiledSteps:
 
         @partial(mx.compile, inputs=state, outputs=state)
         def step(tokens):
+            from moedec import kernels
+
+            self.traces += 1
             shared.clear()
-            logits = model(tokens, cache=layers)[:, -1, :]  # [1, V]
+            # in the body, so every trace gets them: mx.compile traces again whenever an input's
+            # shape or dtype changes, and a trace without them would be mlx-lm's layers over the cache
+            with _decode_attention(model, layers), kernels.joined(model):
+                logits = model(tokens, cache=layers)[:, -1, :]  # [1, V]
             if any(c.pending is not None for c in layers):
                 raise MoedecError("a layer's deferred cache write was not taken by its attention call")
             pos["offset"] = pos["offset"] + tokens.shape[1]
@@ -220,16 +228,15 @@ class CompiledSteps:
     def __call__(self, tokens: mx.array) -> mx.array:
         if self.length + tokens.shape[1] > self.layers[0].state["keys"].shape[2]:
             self._grow()
+        if tokens.dtype != TOKEN_DTYPE:  # one dtype, one trace (argmax gives uint32, mx.array([[t]]) int32)
+            tokens = tokens.astype(TOKEN_DTYPE)
         if self._traced:
             logits = self._step(tokens)
         else:  # this call traces: a failed trace leaves placeholders in the state, so keep the arrays
-            from moedec import kernels
-
             pos = self.layers[0].pos
             saved = [dict(c.state) for c in self.layers], pos["offset"]
             try:
-                with _decode_attention(self.model, self.layers), kernels.joined(self.model):
-                    logits = self._step(tokens)
+                logits = self._step(tokens)
             except Exception:
                 for c, state in zip(self.layers, saved[0]):
                     c.state.update(state)

@@ -114,3 +114,51 @@ def test_a_deferred_write_no_attention_takes_fails_the_trace(monkeypatch):
     dec = moedec.stream_generate(model, PROMPTS[1], max_tokens=12, eos_token_ids=[], compile_step=True)
     assert tuple(t for c in dec for t in c.tokens) == tuple(ref)
     assert "deferred cache write was not taken" in dec.compile_reason
+
+
+def test_every_trace_takes_the_kernel_path_and_reads_no_row_past_the_offset(monkeypatch):
+    """The compiled step as on CUDA, with the attention kernel replaced by an MLX reference that
+    leaves NaN in the cache rows past the new position (rows no step may read). Token ids come as
+    int32 first and uint32 after (``mx.array([[t]])``, then argmax): one trace, every step's logits
+    equal to the plain step's. A trace taken outside the kernel path (it was, on mx.compile's second
+    trace for the new dtype) attends over the whole cache through mlx-lm's attention: NaN."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from moedec import kernels
+    from moedec.kernels import ops
+
+    from helpers import quantized_glm
+
+    def reference_qkv(qkv, keys, values, offset, scale, heads, rope):  # as ops.decode_attention_qkv
+        b, _, _, d = qkv.shape
+        hkv, c = keys.shape[1], keys.shape[2]
+        dims, traditional, base, rope_scale = rope
+        at = offset[0]
+        x = qkv.transpose(0, 2, 1, 3)  # [B, H + 2 Hkv, 1, D]
+        q, k = (mx.fast.rope(x[:, a:z], dims, traditional=traditional, base=base, scale=rope_scale, offset=at)
+                for a, z in ((0, heads), (heads, heads + hkv)))
+        pos = mx.arange(c)[:, None]  # [C, 1]
+        kc = mx.where(pos == at, k, keys)
+        vc = mx.where(pos == at, x[:, heads + hkv:], values)
+        seen = pos <= at
+        o = mx.fast.scaled_dot_product_attention(q, mx.where(seen, kc, 0), mx.where(seen, vc, 0), scale=scale,
+                                                 mask=seen.reshape(1, 1, 1, c))
+        nan = mx.array(float("nan"), keys.dtype)
+        return o.transpose(0, 2, 1, 3).reshape(b, 1, heads * d), mx.where(seen, kc, nan), mx.where(seen, vc, nan)
+
+    monkeypatch.setattr(kernels, "device_backend", lambda: "cuda")
+    monkeypatch.setattr(ops, "decode_attention_qkv", reference_qkv)
+    monkeypatch.setattr(ops, "why_not_attention_qkv", lambda *a: None)
+    model = quantized_glm(use_qk_norm=False)
+    prompt = [1, 2, 3, 4]
+    ref_cache, cache = make_prompt_cache(model), make_prompt_cache(model)
+    for c in (ref_cache, cache):
+        mx.eval(model(mx.array([prompt]), cache=c))
+    steps = compiled.CompiledSteps(model, cache)
+    y = mx.array([[7]], dtype=mx.int32)
+    for _ in range(4):
+        got = steps(y)
+        ref = model(y, cache=ref_cache)[:, -1, :]
+        assert mx.isfinite(got).all().item() and mx.allclose(got, ref, atol=1e-4, rtol=1e-4).item()
+        y = mx.argmax(got, axis=-1).reshape(1, 1)  # uint32
+    assert steps.traces == 1
