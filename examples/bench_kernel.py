@@ -7,7 +7,8 @@
    (its input norm, router, experts, combine, shared expert), stock vs fused: time, mean union U, bytes of the active
    experts, GB/s and % of copy bandwidth, time(T)/time(1) against U(T)/U(1), and the max difference;
 3. where one T=1 decode step's time goes: Python graph building, MLX's encoding of the ops, and the
-   rest (the GPU finishing), stock vs fused;
+   rest (the GPU finishing), stock vs fused, and for the compiled step (the default) the compiled
+   call, the encoding, the rest, and pipelined steps per token;
 4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
    with ``--kernel stock``, ``--kernel fused`` (both ``--no-compile-step``), and fused with the
    compiled step (moedec's default on CUDA), interleaved rounds, plus how long the greedy
@@ -42,6 +43,7 @@ from mlx_lm.models.switch_layers import SwitchGLU
 import moedec
 from moedec import kernels
 from moedec.bench import mlx_lm_decode
+from moedec.compiled import CompiledSteps
 from moedec.kernels import fused, ops
 from moedec.synthetic import nbytes, synthetic_glm
 from moedec.testing import agreeing_prefix
@@ -199,6 +201,50 @@ def step_profile(model, kernel: str, reps: int = 20) -> dict:
     return dict(zip(("build_us", "encode_us", "rest_us", "total_us"), med.tolist()))
 
 
+def compiled_step_profile(model, kernel: str = "fused", reps: int = 20) -> dict:
+    """The compiled T=1 step (the engine's default on CUDA) on a warm 32-token cache, host against GPU:
+    the compiled call (Python, and MLX rebuilding the traced graph), ``async_eval`` until it returns
+    (MLX's encoding of every node), the rest until the token is ready, each step started on an idle
+    GPU; then steps pipelined as the engine runs them (the next step queued before the last token is
+    read), per token. Medians over ``reps``."""
+    kernels.patch(model, kernel)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([list(range(1, 33))]), cache=cache))
+    steps = CompiledSteps(model, cache)
+    y = mx.array([[5]], dtype=mx.uint32)
+
+    def step(y):
+        return mx.argmax(steps(y), axis=-1).reshape(1, 1)  # [1, 1] uint32
+
+    for _ in range(3):  # traced, compiled, warm
+        y = step(y)
+        mx.eval(y)
+    parts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        nxt = step(y)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        mx.eval(nxt)
+        t3 = time.perf_counter()
+        parts.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+        y = nxt
+    t = time.perf_counter()
+    for _ in range(reps):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        y.item()
+        y = nxt
+    y.item()
+    pipelined = (time.perf_counter() - t) / reps * 1e6
+    steps.write_back()
+    kernels.patch(model, "stock")
+    med = np.median(np.array(parts), axis=0) * 1e6
+    return {**dict(zip(("call_us", "encode_us", "rest_us", "total_us"), med.tolist())), "pipelined_us": pipelined,
+            "traces": steps.traces}
+
+
 def e2e_bench(model, tokens: int, rounds: int) -> dict:
     ids = list(range(1, 33))
     res = {"mlx_lm": [], "moedec_stock": [], "moedec_fused": [], "moedec_fused_compiled": []}
@@ -259,6 +305,7 @@ def main() -> None:
     out = {"device": str(mx.default_device()), "copy_GBps": bw, "copy_plus_one_GBps": plus, "copy_kernel_GBps": wide,
            "layer": layer_bench(model, bw, args.reps)}
     out["step"] = {k: step_profile(model, k) for k in ("stock", "fused")}
+    out["step"]["fused_compiled"] = compiled_step_profile(model)
     for k, v in out["step"].items():
         print(f"T=1 step, {k}: " + ", ".join(f"{n} {x:.0f}" for n, x in v.items()), flush=True)
     if not args.skip_e2e:
