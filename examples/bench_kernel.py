@@ -177,12 +177,18 @@ def layer_bench(model, bw: float, reps: int) -> list[dict]:
     return rows
 
 
-def step_profile(model, kernel: str, reps: int = 20) -> dict:
-    """One T=1 forward on a warm 32-token cache, split into Python graph building, MLX encoding
-    (``async_eval`` until it returns) and the rest until the result is ready; medians over reps."""
+def _prefilled(model, kernel: str) -> list:
+    """``model`` patched with ``kernel`` and a cache holding a 32-token prompt (the step profiles' start)."""
     kernels.patch(model, kernel)
     cache = make_prompt_cache(model)
     mx.eval(model(mx.array([list(range(1, 33))]), cache=cache))
+    return cache
+
+
+def step_profile(model, kernel: str, reps: int = 20) -> dict:
+    """One T=1 forward on a warm 32-token cache, split into Python graph building, MLX encoding
+    (``async_eval`` until it returns) and the rest until the result is ready; medians over reps."""
+    cache = _prefilled(model, kernel)
     y = mx.array([[5]])
     parts = []
     for i in range(reps + 3):
@@ -207,10 +213,7 @@ def compiled_step_profile(model, kernel: str = "fused", reps: int = 20) -> dict:
     (MLX's encoding of every node), the rest until the token is ready, each step started on an idle
     GPU; then steps pipelined as the engine runs them (the next step queued before the last token is
     read), per token. Medians over ``reps``."""
-    kernels.patch(model, kernel)
-    cache = make_prompt_cache(model)
-    mx.eval(model(mx.array([list(range(1, 33))]), cache=cache))
-    steps = CompiledSteps(model, cache)
+    steps = CompiledSteps(model, _prefilled(model, kernel))
     y = mx.array([[5]], dtype=mx.uint32)
 
     def step(y):

@@ -146,10 +146,11 @@ def test_compiled_step_on_the_gpu_applies_rope_in_the_attention_kernel(monkeypat
 @pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
 @pytest.mark.gpu
 def test_compiled_step_as_the_first_fused_forward_leaves_a_clean_cache():
-    """bfloat16, the synthetic model at 1/8, the compiled step straight after a stock prefill (as the
-    engine runs it): every step's logits are finite and every layer's cache holds zeros past the
-    decoded positions. When the attention kernel left those rows unwritten, their stale bits reached
-    the second step's hidden state as NaN (and the routed experts' indices out of range)."""
+    """bfloat16, the synthetic model at 1/8, the compiled step straight after a stock prefill, fed an
+    int32 id first and argmax's uint32 ids after: every step's logits are finite and every layer's
+    cache holds zeros past the decoded positions. Before the fix the new dtype made mx.compile trace
+    again outside the kernel path, and mlx-lm's attention read the rows the kernel had left
+    unwritten: NaN from the second step (and the routed experts' indices out of range)."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from moedec.synthetic import synthetic_glm
