@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from functools import partial
 from typing import Any, Optional
 
@@ -182,29 +183,20 @@ def _padded(a: mx.array, length: int, capacity: int) -> mx.array:
     return mx.concatenate([a, mx.zeros((*a.shape[:2], capacity - length, a.shape[3]), a.dtype)], axis=2)
 
 
-class CompiledSteps:
-    """``steps(tokens [1, 1]) -> logits [1, V]``: one decode step through fixed-capacity copies of
-    ``cache`` (mlx-lm ``KVCache`` s), compiled once per capacity. :meth:`write_back` hands the
-    positions decoded so far back to ``cache``."""
+class _Trace:
+    """One compiled step for one capacity: the :class:`StaticKVCache` layers whose state the
+    compiled function reads and writes, and the function. It may serve several
+    :class:`CompiledSteps` one after another (:func:`_acquire`): MLX replays a compiled function
+    without tracing it again while its inputs keep their shapes and dtypes."""
 
-    def __init__(self, model: Any, cache: list):
-        self.model, self.cache = model, cache
-        self.length = cache[0].offset  # positions filled (a Python int, mirrored by pos["offset"])
-        self.traces = 0  # times mx.compile has traced the step (once per capacity when all goes well)
-        self.layers: list[StaticKVCache] = []
-        self._grow()
-
-    def _grow(self) -> None:
-        capacity = (self.length // CHUNK + 1) * CHUNK
-        if self.layers:
-            src = [(c.state["keys"], c.state["values"]) for c in self.layers]
-        else:
-            src = [(c.keys, c.values) for c in self.cache]
-        pos, shared = {"offset": mx.array(self.length, dtype=mx.int32)}, {}
-        self.layers = [StaticKVCache(_padded(k, self.length, capacity), _padded(v, self.length, capacity), pos, shared)
-                       for k, v in src]
+    def __init__(self, model: Any, arrays: list, length: int):
+        pos, shared = {"offset": mx.array(length, dtype=mx.int32)}, {}
+        self.layers = [StaticKVCache(k, v, pos, shared) for k, v in arrays]
+        self.pos = pos
+        self.traces = 0  # times mx.compile traced the step (once, when all goes well)
+        self.traced = False  # a call has traced (and compiled) the step
         state = [c.state for c in self.layers] + [pos]
-        layers, model = self.layers, self.model
+        layers = self.layers
 
         @partial(mx.compile, inputs=state, outputs=state)
         def step(tokens):
@@ -222,31 +214,147 @@ class CompiledSteps:
             shared.clear()  # no traced arrays kept past the trace
             return logits
 
-        self._step = step
-        self._traced = False  # the first call traces (and compiles) the step
+        self.step = step
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].state["keys"].shape[2]
+
+    def load(self, arrays: list, length: int) -> None:
+        """Point the state at another generation's buffers (of this trace's shapes and dtypes)."""
+        for c, (k, v) in zip(self.layers, arrays):
+            c.state["keys"], c.state["values"], c.pending = k, v, None
+        self.pos["offset"] = mx.array(length, dtype=mx.int32)
+
+    def unload(self) -> None:
+        """Drop the buffers (the engine's cache holds them now): a kept trace holds no cache memory."""
+        for c in self.layers:
+            c.state["keys"] = c.state["values"] = None
+
+
+#: Compiled steps kept between generations, per model: ``id(model) -> [(key, trace)]``. A trace is
+#: taken again only by a model whose parameters (the very arrays), module classes and kernel
+#: settings are those it was traced with (:func:`_key`), for buffers of the same shapes and dtypes.
+_KEPT: dict[int, list] = {}
+KEEP = 4  # traces kept per model (the most recently released)
+
+
+def _key(model: Any, arrays: list) -> tuple:
+    from mlx.utils import tree_flatten
+
+    from moedec import kernels
+
+    leaves = tuple(a for _, a in tree_flatten(model.parameters()))
+    classes = tuple((type(m), m.__dict__.get("moedec_backend")) for _, m in model.named_modules())
+    shapes = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in arrays)
+    settings = (kernels.device_backend(), FUSED_CACHE_WRITE, FUSED_ROPE)
+    return shapes, classes, settings, leaves
+
+
+def _same_model(a: tuple, b: tuple) -> bool:
+    """Keys of the same model state: classes and settings equal, parameters the very same arrays."""
+    return a[1:-1] == b[1:-1] and len(a[-1]) == len(b[-1]) and all(x is y for x, y in zip(a[-1], b[-1]))
+
+
+def _acquire(model: Any, key: tuple) -> Optional[_Trace]:
+    """A kept trace for ``key``, taken out of the pool; kept traces of a changed model are dropped."""
+    kept = _KEPT.get(id(model))
+    if not kept:
+        return None
+    kept[:] = [(k, t) for k, t in kept if _same_model(k, key)]
+    found = next((i for i, (k, _) in enumerate(kept) if k[0] == key[0]), None)
+    return None if found is None else kept.pop(found)[1]
+
+
+def _release(model: Any, key: tuple, trace: _Trace) -> None:
+    trace.unload()
+    if id(model) not in _KEPT:
+        _KEPT[id(model)] = []
+        weakref.finalize(model, _KEPT.pop, id(model), None)
+    kept = _KEPT[id(model)]
+    kept.append((key, trace))
+    del kept[:-KEEP]
+
+
+def clear_traces() -> None:
+    """Forget every kept compiled step (they are traced again on next use)."""
+    _KEPT.clear()
+
+
+class CompiledSteps:
+    """``steps(tokens [1, 1]) -> logits [1, V]``: one decode step through fixed-capacity copies of
+    ``cache`` (mlx-lm ``KVCache`` s), compiled once per capacity. :meth:`write_back` hands the
+    positions decoded so far back to ``cache``.
+
+    ``reuse``: take the compiled step from an earlier ``CompiledSteps`` of the same, unchanged
+    model (the engine's choice: tracing and compiling a step costs tens of milliseconds, the time
+    of many tokens) and keep it for a later one when :meth:`close` is called."""
+
+    def __init__(self, model: Any, cache: list, reuse: bool = False):
+        self.model, self.cache, self.reuse = model, cache, reuse
+        self.length = cache[0].offset  # positions filled (a Python int, mirrored by pos["offset"])
+        self.traces = 0  # times mx.compile traced the step for this object (0 with a reused trace)
+        self._trace: Optional[_Trace] = None
+        self._key: Optional[tuple] = None
+        self._grow()
+
+    @property
+    def layers(self) -> list[StaticKVCache]:
+        return self._trace.layers
+
+    def _grow(self) -> None:
+        capacity = (self.length // CHUNK + 1) * CHUNK
+        if self._trace is not None:
+            src = [(c.state["keys"], c.state["values"]) for c in self._trace.layers]
+        else:
+            src = [(c.keys, c.values) for c in self.cache]
+        arrays = [(_padded(k, self.length, capacity), _padded(v, self.length, capacity)) for k, v in src]
+        old, old_key = self._trace, self._key
+        self._key = _key(self.model, arrays) if self.reuse else None
+        trace = _acquire(self.model, self._key) if self.reuse else None
+        if trace is None:
+            trace = _Trace(self.model, arrays, self.length)
+        else:
+            trace.load(arrays, self.length)
+        self._trace = trace
+        if old is not None:
+            self._put_back(old, old_key)
+
+    def _put_back(self, trace: _Trace, key: Optional[tuple]) -> None:
+        if self.reuse and trace.traced:
+            _release(self.model, key, trace)
 
     def __call__(self, tokens: mx.array) -> mx.array:
-        if self.length + tokens.shape[1] > self.layers[0].state["keys"].shape[2]:
+        if self.length + tokens.shape[1] > self._trace.capacity:
             self._grow()
         if tokens.dtype != TOKEN_DTYPE:  # one dtype, one trace (argmax gives uint32, mx.array([[t]]) int32)
             tokens = tokens.astype(TOKEN_DTYPE)
-        if self._traced:
-            logits = self._step(tokens)
+        trace = self._trace
+        before = trace.traces
+        if trace.traced:
+            logits = trace.step(tokens)
         else:  # this call traces: a failed trace leaves placeholders in the state, so keep the arrays
-            pos = self.layers[0].pos
-            saved = [dict(c.state) for c in self.layers], pos["offset"]
+            saved = [dict(c.state) for c in trace.layers], trace.pos["offset"]
             try:
-                logits = self._step(tokens)
+                logits = trace.step(tokens)
             except Exception:
-                for c, state in zip(self.layers, saved[0]):
+                for c, state in zip(trace.layers, saved[0]):
                     c.state.update(state)
                     c.pending = None
-                pos["offset"] = saved[1]
+                trace.pos["offset"] = saved[1]
                 raise
-            self._traced = True
+            trace.traced = True
+        self.traces += trace.traces - before
         self.length += tokens.shape[1]
         return logits
 
     def write_back(self) -> None:
-        for c, s in zip(self.cache, self.layers):
+        for c, s in zip(self.cache, self._trace.layers):
             c.keys, c.values, c.offset = s.state["keys"], s.state["values"], self.length
+
+    def close(self) -> None:
+        """:meth:`write_back`, then (``reuse``) keep the compiled step for a later generation; the
+        object is not called again."""
+        self.write_back()
+        trace, self._trace = self._trace, None
+        self._put_back(trace, self._key)

@@ -190,7 +190,7 @@ class Decoder:
         steps = None
         self.compile_reason = why_not_compiled(self.model, st.cache) if self._compile_wanted() else "compile_step is off"
         if self.compile_reason is None:
-            steps = CompiledSteps(self.model, st.cache)
+            steps = CompiledSteps(self.model, st.cache, reuse=True)  # the step traced by an earlier generation, if any
         try:
             while True:
                 nxt = None
@@ -215,7 +215,7 @@ class Decoder:
                 y = nxt
         finally:
             if steps is not None:
-                steps.write_back()
+                steps.close()
 
     def _step(self) -> Acceptance:
         st = self.state

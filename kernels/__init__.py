@@ -158,10 +158,10 @@ def patch(model, kernel: str = "auto") -> int:
             f"the fused MoE kernel needs MLX's CUDA backend (this device: {backend or 'cpu'}); use --kernel stock"
         )
     use = backend if kernel == "fused" or (kernel == "auto" and backend in AUTO_BACKENDS) else None
-    from .fused import forget
+    from .fused import refresh
 
     for _, m in model.named_modules():  # weights may have changed since the last patch
-        forget(m)
+        refresh(m)
     layers = switch_layers(model)
     if kernel == "fused" and not layers:
         raise MoedecError("this model has no SwitchGLU expert layers for the fused kernel")

@@ -110,16 +110,36 @@ def _why_not_quant(layers) -> str | None:
 
 
 def _plan(module, build):
-    """``build(module)``, computed on the first call and kept on the module (its weights and
-    structure do not change between calls; :func:`forget` drops it, and ``patch()`` calls that)."""
+    """``build(module)``, computed on the first call and kept on the module with the arrays it was
+    built from (the module's parameters once built); :func:`refresh` drops it when they change,
+    and ``patch()`` calls that, :func:`forget` drops it in any case."""
     plan = module.__dict__.get("_moedec_plan")
     if plan is None:
         plan = module.__dict__["_moedec_plan"] = build(module)
+        module.__dict__["_moedec_plan_of"] = _arrays(module)
     return plan
+
+
+def _arrays(module) -> tuple:
+    from mlx.utils import tree_flatten
+
+    return tuple(a for _, a in tree_flatten(module.parameters()))
 
 
 def forget(module) -> None:
     module.__dict__.pop("_moedec_plan", None)
+    module.__dict__.pop("_moedec_plan_of", None)
+
+
+def refresh(module) -> None:
+    """Drop ``module``'s plan if its parameters are no longer the arrays the plan was built from
+    (a plan that joined weights, as the q/k/v one, is then not built twice over the same weights)."""
+    built = module.__dict__.get("_moedec_plan_of")
+    if built is None:
+        return
+    now = _arrays(module)
+    if len(now) != len(built) or any(a is not b for a, b in zip(now, built)):
+        forget(module)
 
 
 @attrs.frozen

@@ -26,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiled_steps():
+    """Each test traces its own compiled steps (tests patch what a kept trace was traced with)."""
+    from moedec import compiled
+
+    compiled.clear_traces()
+    yield
+    compiled.clear_traces()

@@ -162,3 +162,82 @@ def test_every_trace_takes_the_kernel_path_and_reads_no_row_past_the_offset(monk
         assert mx.isfinite(got).all().item() and mx.allclose(got, ref, atol=1e-4, rtol=1e-4).item()
         y = mx.argmax(got, axis=-1).reshape(1, 1)  # uint32
     assert steps.traces == 1
+
+
+def _steps_logits(model, prompt, n, reuse=True):
+    """``n`` compiled greedy steps after ``prompt``: (the CompiledSteps, closed; the logits)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([prompt]), cache=cache))
+    steps = compiled.CompiledSteps(model, cache, reuse=reuse)
+    y, out = mx.array([[prompt[-1]]], dtype=mx.uint32), []
+    for _ in range(n):
+        out.append(steps(y))
+        y = mx.argmax(out[-1], axis=-1).reshape(1, 1)
+    steps.close()
+    return steps, out
+
+
+def test_a_closed_step_is_taken_again_by_the_next_generation_of_the_same_model(monkeypatch):
+    """``reuse``: the next ``CompiledSteps`` of the same model and capacity replays the closed one's
+    trace (no new trace), with its own cache; the logits are those of a freshly traced step. A
+    changed parameter, or another kernel setting, is traced again; the kept trace holds no cache."""
+    monkeypatch.setattr(compiled, "CHUNK", 16)
+    model = tiny_moe("glm4_moe")
+    first, a = _steps_logits(model, [1, 2, 3], 6)
+    assert first.traces == 1
+    kept = compiled._KEPT[id(model)]
+    assert len(kept) == 1 and all(c.state["keys"] is None for c in kept[0][1].layers)
+    again, b = _steps_logits(model, [1, 2, 3], 6)
+    fresh, c = _steps_logits(model, [1, 2, 3], 6, reuse=False)
+    assert (again.traces, fresh.traces) == (0, 1)
+    for x, y, z in zip(a, b, c):
+        assert mx.array_equal(x, y).item() and mx.array_equal(y, z).item()
+    other, d = _steps_logits(model, [4, 5, 6, 7, 8, 9], 14)  # another prompt, across a growth (16 -> 32)
+    assert other.traces == 1  # capacity 16 kept, 32 traced
+    assert len(compiled._KEPT[id(model)]) == 2
+    monkeypatch.setattr(compiled, "FUSED_ROPE", False)
+    assert _steps_logits(model, [1, 2, 3], 2)[0].traces == 1
+    monkeypatch.setattr(compiled, "FUSED_ROPE", True)
+    layer = model.layers[1].mlp.switch_mlp.down_proj
+    layer.weight = layer.weight * 2
+    changed, e = _steps_logits(model, [1, 2, 3], 6)
+    assert changed.traces == 1 and not mx.array_equal(e[1], b[1]).item()
+    assert [k[0][0][0][2] for k, _ in compiled._KEPT[id(model)]] == [16]  # the stale ones are gone
+    compiled.clear_traces()
+    assert not compiled._KEPT
+
+
+def test_generations_of_one_model_share_the_compiled_step(monkeypatch):
+    """The engine keeps its compiled step for the next generation: tokens as without it."""
+    taken = []
+    acquire = compiled._acquire
+    monkeypatch.setattr(compiled, "_acquire", lambda model, key: taken.append(acquire(model, key)) or taken[-1])
+    model = tiny_moe("glm4_moe")
+    runs = [moedec.generate(model, p, max_tokens=10, eos_token_ids=[], compile_step=True).tokens for p in PROMPTS * 2]
+    assert runs[:2] == runs[2:]
+    assert taken[0] is None and all(t is not None for t in taken[1:])
+
+
+def test_patching_again_keeps_the_joined_qkv_weights_until_they_change():
+    """``kernels.patch`` drops a module's kernel plan only when its weights changed: the q/k/v
+    projections are joined once, not again on every generation."""
+    from moedec import kernels
+
+    from helpers import quantized_glm
+
+    model = quantized_glm(use_qk_norm=False)
+    attn = model.model.layers[0].self_attn
+    with kernels.joined(model):
+        plan = attn._moedec_plan
+    kernels.patch(model, "stock")
+    weight = attn.q_proj.weight  # a view of the joined array
+    with kernels.joined(model):
+        assert attn._moedec_plan is plan and attn.q_proj.weight is weight
+    q = attn.q_proj
+    q.scales = q.scales * 1  # new weights for the projection
+    kernels.patch(model, "stock")
+    with kernels.joined(model):
+        assert attn._moedec_plan is not plan
+        assert mx.array_equal(attn._moedec_plan.scales, plan.scales).item()
