@@ -243,11 +243,12 @@ def _key(model: Any, arrays: list) -> tuple:
     from mlx.utils import tree_flatten
 
     from moedec import kernels
+    from moedec.kernels import layer
 
     leaves = tuple(a for _, a in tree_flatten(model.parameters()))
     classes = tuple((type(m), m.__dict__.get("moedec_backend")) for _, m in model.named_modules())
     shapes = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in arrays)
-    settings = (kernels.device_backend(), FUSED_CACHE_WRITE, FUSED_ROPE)
+    settings = (kernels.device_backend(), FUSED_CACHE_WRITE, FUSED_ROPE, layer.JOIN_ROUTER)
     return shapes, classes, settings, leaves
 
 

@@ -53,6 +53,10 @@ class Backend:
     router: Callable  # (gate, x) -> (inds, scores)
     why_not_add_norm: Callable  # (x, r, weight) -> str | None
     add_norm: Callable  # (x, r, weight, eps) -> (x + r, rms_norm(x + r, weight, eps))
+    #: (gate, x, r, weight) -> str | None, and (gate, x, r, weight, eps) -> (h, n, inds, scores): the
+    #: add + norm and the router of norm's output in one op (optional: a backend may leave them out)
+    why_not_add_norm_router: Optional[Callable] = None
+    add_norm_router: Optional[Callable] = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -68,7 +72,8 @@ def _register_cuda() -> None:
 
     BACKENDS["cuda"] = Backend(fused.why_not_fused, fused.fused_switch_glu, fused.fused_moe,
                                fused.why_not_shared, router.why_not_router, router.fused_router,
-                               ops.why_not_add_norm, ops.add_rms_norm)
+                               ops.why_not_add_norm, ops.add_rms_norm,
+                               router.why_not_add_norm_router, router.add_norm_router)
 
 
 _register_cuda()
@@ -109,19 +114,34 @@ class DispatchingSwitchGLU(SwitchGLU):
         return y if residual is None else residual + y
 
 
-def _moe_call(self, x: mx.array, residual: Optional[mx.array] = None) -> mx.array:
+def _moe_call(self, x: mx.array, residual: Optional[mx.array] = None, routing: Optional[tuple] = None) -> mx.array:
     """A GLM-4.x / DeepSeek-V3 MoE block: route, then experts + combine + shared in the switch
-    (``residual + block(x)`` if a residual is given: the decoder layer's add, in the same kernel)."""
+    (``residual + block(x)`` if a residual is given: the decoder layer's add, in the same kernel;
+    ``routing``, ``(inds, scores)`` of ``x`` if already routed: :func:`moe_after_add_norm`)."""
     if self.sharding_group is not None or not isinstance(self.switch_mlp, DispatchingSwitchGLU):
         y = self._moedec_stock_call(x)
         return y if residual is None else residual + y
     be = BACKENDS.get(self.moedec_backend or "")
-    if be is not None and be.why_not_router(self.gate, x) is None:
+    if routing is not None:
+        inds, scores = routing
+    elif be is not None and be.why_not_router(self.gate, x) is None:
         inds, scores = be.router(self.gate, x)
     else:
         inds, scores = self.gate(x)
     shared = self.shared_experts if self.config.n_shared_experts is not None else None
     return self.switch_mlp(x, inds, scores=scores, shared=shared, residual=residual)
+
+
+def moe_after_add_norm(block, x: mx.array, r: mx.array, norm) -> Optional[mx.array]:
+    """``h + block(norm(h))`` with ``h = x + r`` (a decoder layer's second half), with the add, the
+    norm and the block's router in one kernel of the backend; ``None`` where that does not fit."""
+    be = BACKENDS.get(block.moedec_backend or "")
+    if (be is None or be.add_norm_router is None or block.sharding_group is not None
+            or not isinstance(block.switch_mlp, DispatchingSwitchGLU)
+            or be.why_not_add_norm_router(block.gate, x, r, norm.weight) is not None):
+        return None
+    h, n, inds, scores = be.add_norm_router(block.gate, x, r, norm.weight, norm.eps)
+    return block(n, residual=h, routing=(inds, scores))
 
 
 @functools.lru_cache(maxsize=None)

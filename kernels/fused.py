@@ -25,7 +25,7 @@ from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
 from .attention_source import ATTENTION_QKV, ATTENTION_READ, ATTENTION_WRITE, ROPE
 from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA
-from .router_source import ROUTER
+from .router_source import ROUTER, ROUTER_NORM, SELECT
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
 
@@ -58,7 +58,9 @@ FLOATS = (mx.bfloat16, mx.float16, mx.float32)
 _GATE_UP_IO = (["x", "inds", "meta", "wg", "sg", "bg", "wu", "su", "bu", "hg", "hsg", "hbg", "hu", "hsu", "hbu"], ["act"])
 _DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hbd", "res"], ["y"])
 SIGNATURES = {
-    "router": (["x", "w", "bias", "rsf", "done"], ["logits", "inds", "scores"], ROUTER, header(BASE)),
+    "router": (["x", "w", "bias", "rsf", "done"], ["logits", "inds", "scores"], ROUTER, header(BASE, SELECT)),
+    "router_norm": (["x", "r", "gw", "eps", "w", "bias", "rsf", "done"], ["h", "n", "logits", "inds", "scores"],
+                    ROUTER_NORM, header(BASE, SELECT)),
     "gate_up": (*_GATE_UP_IO, GATE_UP, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),

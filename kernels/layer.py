@@ -6,6 +6,9 @@ backend's ``add_norm``), and a fused MoE block adds its output to the stream ins
 kernel; a dense MLP keeps its own add. Each op rounds as mlx-lm's do, so results match up to the
 order of float32 sums (tests/test_kernels.py, on the GPU).
 
+With :data:`JOIN_ROUTER`, where the backend has it, the add, the norm and the MoE block's router
+are one kernel (:func:`moedec.kernels.moe_after_add_norm`).
+
 Forwards of more than :data:`MAX_TOKENS` tokens (prefill) keep mlx-lm's call.
 """
 
@@ -19,6 +22,8 @@ import mlx.core as mx
 from .attention import MAX_TOKENS
 from .patching import set_call
 
+JOIN_ROUTER = True  # the add + norm and the MoE router in one kernel where the backend has it
+
 
 def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) -> mx.array:
     """``glm4_moe.DecoderLayer.__call__`` with the add + norm joined and the MoE's add in its kernel."""
@@ -29,6 +34,12 @@ def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) 
         return self._moedec_stock_call(x, mask=mask, cache=cache)
     r = self.self_attn(self.input_layernorm(x), mask, cache)  # [B, L, D]
     norm = self.post_attention_layernorm
+    if JOIN_ROUTER and getattr(type(self.mlp), "_moedec_fused_block", False):
+        from . import moe_after_add_norm
+
+        y = moe_after_add_norm(self.mlp, x, r, norm)  # add, norm and router in one kernel
+        if y is not None:
+            return y
     if be.why_not_add_norm(x, r, norm.weight) is not None:
         h = x + r
         return h + self.mlp(norm(h))

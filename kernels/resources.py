@@ -97,6 +97,8 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
         "down": (kernel_source(ek.down_name, ek.down, dtypes), ek.down_smem),
         "add_norm": (kernel_source("add_norm", [("X", x_dtype), ("D", d)], {**dtypes, "w": xt, "eps": "float32"}), 0),
         "router": (kernel_source("router", router_template(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True), dtypes), 0),
+        "router_norm": (kernel_source("router_norm", router_template(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True),
+                                      {**dtypes, "gw": xt}), 0),
     }
 
 

@@ -1,6 +1,7 @@
 """mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) on MLX's CUDA backend, in one kernel
 (:mod:`.router_source`): :func:`fused_router` gives ``(inds [.., K] int32, scores [.., K] float32)``
-as ``MoEGate(x)`` does; :func:`why_not_router` says when it cannot.
+as ``MoEGate(x)`` does; :func:`why_not_router` says when it cannot. :func:`add_norm_router` also
+does the decoder layer's residual add and norm before it, in the same kernel.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import attrs
 import mlx.core as mx
 
 from .fused import FLOATS, MAX_EXPERTS, MAX_TOKENS, SMALL, _kernel, _plan, _scalar
+from .ops import why_not_add_norm
 
-ROUTER_WARPS = 4  # warps per block of the router kernel (one per (token, expert) logit)
+ROUTER_WARPS = 8  # warps per block of the router kernels (one block per expert; its warps split the row)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +45,7 @@ def router_template(x_dtype, w_dtype, bias_dtype, d: int, experts: int, top_k: i
     """Template arguments of the router kernel (what :mod:`moedec.kernels.resources` compiles too)."""
     logit = x_dtype if x_dtype == w_dtype else mx.float32  # dtype of mlx-lm's x @ w.T
     return [("X", x_dtype), ("R", logit), ("W", w_dtype), ("B", bias_dtype), ("DIN", d), ("NE", experts),
-            ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm), ("NW", ROUTER_WARPS)]
+            ("K", top_k), ("NG", groups), ("TG", top_groups), ("NORM", norm), ("NW", ROUTER_WARPS), ("MT", MAX_TOKENS)]
 
 
 def _gate_plan(gate) -> _GatePlan:
@@ -88,8 +90,39 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
     done = mx.zeros((SMALL,), mx.uint32)  # this launch's own: MLX may run routings that share no array at once
     _, inds, scores = _kernel("router")(
         inputs=[x, w, bias, rsf, done], template=router_template(x.dtype, *plan.spec),
-        grid=(-(-tokens * experts // ROUTER_WARPS) * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
+        grid=(experts * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
         output_shapes=[(tokens, experts), (*x.shape[:-1], plan.top_k), (*x.shape[:-1], plan.top_k)],
         output_dtypes=[mx.float32, mx.int32, mx.float32],
-    )  # one warp per logit; the last block to finish selects, one warp per token
+    )  # one block per expert; the last block to finish selects, one warp per token
     return inds, scores
+
+
+#: Most tokens :func:`add_norm_router` takes: every block finds each token's norm and forms the
+#: values of n itself, which measured slower than the two kernels for 8 tokens (H100, ncu and
+#: chained launches: 32.5 against 26.5 us) and faster for one (18.0 against 6.4 + 14.6 us).
+ADD_NORM_ROUTER_TOKENS = 1
+
+
+def why_not_add_norm_router(gate, x: mx.array, r: mx.array, weight: mx.array) -> str | None:
+    """``None`` if :func:`add_norm_router` can take these arrays, else why not."""
+    if x.size // max(x.shape[-1], 1) > ADD_NORM_ROUTER_TOKENS:
+        return f"more than {ADD_NORM_ROUTER_TOKENS} token(s): the add + norm and router kernels apart are faster"
+    return why_not_add_norm(x, r, weight) or why_not_router(gate, x)
+
+
+def add_norm_router(gate, x: mx.array, r: mx.array, weight: mx.array, eps: float):
+    """``(h, n, inds, scores)``: ``h = x + r``, ``n = mx.fast.rms_norm(h, weight, eps)`` (as
+    :func:`moedec.kernels.ops.add_rms_norm`) and ``fused_router(gate, n)``, in one kernel (check
+    :func:`why_not_add_norm_router` first)."""
+    plan = _plan(gate, _gate_plan)
+    w, bias, rsf = plan.inputs
+    experts, tokens = w.shape[0], x.size // plan.width
+    done = mx.zeros((SMALL,), mx.uint32)  # as fused_router's
+    h, n, _, inds, scores = _kernel("router_norm")(
+        inputs=[x, r, weight, _scalar(float(eps)), w, bias, rsf, done],
+        template=router_template(x.dtype, *plan.spec),
+        grid=(experts * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
+        output_shapes=[x.shape, x.shape, (tokens, experts), (*x.shape[:-1], plan.top_k), (*x.shape[:-1], plan.top_k)],
+        output_dtypes=[x.dtype, x.dtype, mx.float32, mx.int32, mx.float32],
+    )  # as the router's launch; every block also finds each token's norm, the grid writes h and n
+    return h, n, inds, scores

@@ -1,58 +1,90 @@
-"""CUDA source of the router kernel: mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) in one
-kernel: the logits (one warp per (token, expert), over many blocks) and then, in the block that
+"""CUDA source of the router kernels: mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) in one
+kernel: the logits (one block per expert, its warps splitting the row) and then, in the block that
 finishes last, the selection (one warp per token: sigmoid, correction bias, group limit, top-K,
-normalisation and scaling). Its Python side is :mod:`.router`.
+normalisation and scaling). ``ROUTER_NORM`` also does the decoder layer's residual add and RMSNorm
+before it (one kernel where there were two). Their Python side is :mod:`.router`.
 """
 
-# ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
-# B correction-bias dtype, DIN hidden size, NE experts, K top-k, NG groups, TG groups kept, NORM
-# normalise the top-k weights, NW warps per block. Inputs x [T, D], w [E, D], bias [E], rsf [SMALL]
-# (element 0: the scaling factor), done [SMALL] uint32 (element 0: a block counter, zero; the last
-# block puts it back to zero, so a counter that launches share one after another works too). Outputs logits [T, E] float32 (scratch), inds
-# [T, K] int32, scores [T, K] float32. Every block writes its warps' logits, then counts itself done;
-# the block that counts last sees every logit (each block fenced its writes before counting) and
-# selects for all T tokens, a warp per token: one kernel on the step's path instead of a logits and a
-# selection kernel per layer.
-ROUTER = r"""
-  __shared__ float s_sig[NW][NE];   // sigmoid(logit): the weight of a chosen expert
-  __shared__ float s_sel[NW][NE];   // selection score: sigmoid + correction bias
-  __shared__ float s_grp[NW][NG];
-  __shared__ bool s_last;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int T = 1;
-  for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
-  const int item = blockIdx.x * NW + warp;
-  if (item < T * NE) {
-    const int t = item / NE, e = item % NE;
-    const X* xr = x + (size_t)t * DIN;
-    const W* wr = w + (size_t)e * DIN;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int c = lane; c < DIN / 8; c += 32) {
-      float xv[8], wv[8];
-      moedec::load8(xr + c * 8, xv);
-      moedec::load8(wr + c * 8, wv);
+# Device code both router kernels use (in the moedec namespace): the 8-value raw loads that let a
+# block ask for its router row before it does anything else, the block counter, and the selection.
+# Every block writes its expert's logits and counts itself done; the block that counts last sees
+# every logit (each block fenced its writes before counting), puts the counter back to zero (so a
+# counter that launches share one after another works too) and selects for all T tokens, a warp per
+# token.
+SELECT = r"""
+template <typename T> struct Raw8 { uint4 u[sizeof(T) / 2]; };  // 8 values as loaded, not yet floats
+template <typename T> __device__ __forceinline__ Raw8<T> fetch8(const T* p) {
+  Raw8<T> r;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc = fmaf(xv[j], wv[j], acc);
-    }
-    acc = moedec::warp_sum(acc);
-    if (lane == 0) logits[item] = moedec::to_f((R)acc);
-  }
+  for (int i = 0; i < (int)(sizeof(T) / 2); ++i) r.u[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
+}
+template <typename T> __device__ __forceinline__ void unpack8(const Raw8<T>& r, float* o) {
+  const T* v = reinterpret_cast<const T*>(r.u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) o[i] = to_f(v[i]);
+}
+
+__device__ __forceinline__ bool last_block(const unsigned* done, bool* s_last) {
   __threadfence();  // this block's logits are visible to every block before it counts itself done
   __syncthreads();
   unsigned* count = const_cast<unsigned*>(done);
-  if (threadIdx.x == 0) s_last = atomicAdd(count, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) *s_last = atomicAdd(count, 1u) == gridDim.x - 1;
   __syncthreads();
-  if (!s_last) return;
+  if (!*s_last) return false;
   __threadfence();
   if (threadIdx.x == 0) *count = 0u;  // every block has counted: the counter can serve a later launch
+  return true;
+}
+
+// Block e's logits: w's row e [DIN] (its chunks of 8, CH per thread, fetched into wq) against each
+// token's input row, whose chunk c of 8 values row(t, c, v) gives; the block's NW warps split the
+// row, and their partial sums are added in warp order: a token's logit does not depend on T.
+template <typename W, typename R, int DIN, int NE, int NW, int MT, int CH, class Row>
+__device__ __forceinline__ void expert_logits(const Raw8<W> (&wq)[CH], int T, Row row, float* logits,
+                                              float (*s_part)[MT]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int t = 0; t < T; ++t) {
+    float acc = 0.f;
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      const int c = threadIdx.x + k * NW * 32;
+      if (c < DIN / 8) {
+        float xv[8], wv[8];
+        row(t, c, xv);
+        unpack8(wq[k], wv);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc = fmaf(xv[j], wv[j], acc);
+      }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) s_part[warp][t] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x < T) {
+    float a = 0.f;
+#pragma unroll
+    for (int w_ = 0; w_ < NW; ++w_) a += s_part[w_][threadIdx.x];
+    logits[threadIdx.x * NE + blockIdx.x] = to_f((R)a);
+  }
+}
+
+// logits [T, NE] float32 (written by other blocks: read from L2), bias [NE], rsf[0] the scaling
+// factor -> inds [T, K] int32, scores [T, K] float32, as mlx-lm's gate: the K best experts by
+// sigmoid + bias (ties: the lower expert), in that order, weighted by their sigmoids (normalised,
+// summed in that order, then scaled). A warp per token; each expert's place is the number of experts
+// ahead of it, counted by one lane (no rounds of K arg-maxes).
+template <int NE, int K, int NG, int TG, bool NORM, int NW, typename B>
+__device__ void select_top_k(const float* logits, const B* bias, const float* rsf, int32_t* inds, float* scores,
+                             int T, float (*s_sig)[NE], float (*s_sel)[NE], float (*s_grp)[NG], int (*s_pick)[K]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float* sig = s_sig[warp];
   float* sel = s_sel[warp];
   for (int t = warp; t < T; t += NW) {
     for (int e = lane; e < NE; e += 32) {
       const float sg = 1.f / (1.f + expf(-__ldcg(logits + t * NE + e)));  // from L2: other blocks wrote it
       sig[e] = sg;
-      sel[e] = sg + moedec::to_f(bias[e]);
+      sel[e] = sg + to_f(bias[e]);
     }
     __syncwarp();
     if (NG > 1) {  // keep the TG groups with the largest top-2 sums; zero the others' scores
@@ -73,33 +105,132 @@ ROUTER = r"""
       }
       __syncwarp();
     }
-    float mine = 0.f, total = 0.f;
-    int my_e = 0;
-    for (int j = 0; j < K; ++j) {  // K rounds of warp argmax (ties: the lower expert)
-      float best = -INFINITY;
-      int bi = NE;
-      for (int e = lane; e < NE; e += 32) {
-        const float v = sel[e];
-        if (v > best) { best = v; bi = e; }
+    for (int e = lane; e < NE; e += 32) {
+      const float v = sel[e];
+      int ahead = 0;
+      for (int o = 0; o < NE; ++o) {
+        const float u = sel[o];
+        ahead += u > v || (u == v && o < e);
       }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float ob = __shfl_xor_sync(moedec::FULL, best, o);
-        const int oi = __shfl_xor_sync(moedec::FULL, bi, o);
-        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-      }
-      const float wgt = sig[bi];
-      total += wgt;
-      if (lane == j) { my_e = bi; mine = wgt; }
-      __syncwarp();
-      if (lane == 0) sel[bi] = -INFINITY;
-      __syncwarp();
+      if (ahead < K) s_pick[warp][ahead] = e;
     }
+    __syncwarp();
+    float total = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) total += sig[s_pick[warp][j]];
     if (lane < K) {
+      const int e = s_pick[warp][lane];
+      float mine = sig[e];
       if (NORM && K > 1) mine = mine / total;
-      inds[t * K + lane] = my_e;
+      inds[t * K + lane] = e;
       scores[t * K + lane] = mine * rsf[0];
     }
-    __syncwarp();  // the next token's scores go where this one's were
+    __syncwarp();  // the next token's tables go where this one's were
   }
+}
+"""
+
+# ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
+# B correction-bias dtype, DIN hidden size, NE experts, K top-k, NG groups, TG groups kept, NORM
+# normalise the top-k weights, NW warps per block, MT the most tokens. One block per expert. Inputs
+# x [T, D], w [E, D], bias [E], rsf [SMALL] (element 0: the scaling factor), done [SMALL] uint32
+# (element 0: a block counter, zero; the last block puts it back to zero). Outputs logits [T, E]
+# float32 (scratch), inds [T, K] int32, scores [T, K] float32: one kernel on the step's path instead
+# of a logits and a selection kernel per layer.
+ROUTER = r"""
+  constexpr int CH = (DIN / 8 + NW * 32 - 1) / (NW * 32);  // chunks of 8 inputs per thread
+  __shared__ float s_sig[NW][NE];   // sigmoid(logit): the weight of a chosen expert
+  __shared__ float s_sel[NW][NE];   // selection score: sigmoid + correction bias
+  __shared__ float s_grp[NW][NG];
+  __shared__ float s_part[NW][MT];
+  __shared__ int s_pick[NW][K];
+  __shared__ bool s_last;
+  int T = 1;
+  for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
+  const W* wr = w + (size_t)blockIdx.x * DIN;
+  moedec::Raw8<W> wq[CH];
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = threadIdx.x + k * NW * 32;
+    if (c < DIN / 8) wq[k] = moedec::fetch8(wr + c * 8);
+  }
+  auto row = [&](int t, int c, float* v) { moedec::load8(x + (size_t)t * DIN + c * 8, v); };
+  moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
+  if (!moedec::last_block(done, &s_last)) return;
+  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
+"""
+
+# ROUTER_NORM. Template: as ROUTER, with X also the dtype of r, gw and the outputs h, n. Inputs x, r
+# [T, D], gw [D] (the norm's weight), eps [SMALL] float32 (element 0), then w, bias, rsf, done as
+# ROUTER. Outputs h = x + r and n = rms_norm(h, gw, eps) [T, D] (rounded as ADD_NORM rounds them),
+# then logits, inds, scores as ROUTER's of n (bit for bit). Every block asks for its router row
+# first, then computes each token's RMS factor while the row arrives (the rows are small and stay in
+# L2); the grid writes h and n, and each block forms the values of n it needs itself: the router
+# does not wait for another kernel's n.
+ROUTER_NORM = r"""
+  constexpr int CH = (DIN / 8 + NW * 32 - 1) / (NW * 32);
+  __shared__ float s_sig[NW][NE];
+  __shared__ float s_sel[NW][NE];
+  __shared__ float s_grp[NW][NG];
+  __shared__ float s_part[NW][MT];
+  __shared__ int s_pick[NW][K];
+  __shared__ float s_rms[MT];
+  __shared__ bool s_last;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int T = 1;
+  for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
+  const W* wr = w + (size_t)blockIdx.x * DIN;
+  moedec::Raw8<W> wq[CH];
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = threadIdx.x + k * NW * 32;
+    if (c < DIN / 8) wq[k] = moedec::fetch8(wr + c * 8);
+  }
+  for (int t = 0; t < T; ++t) {  // each token's 1 / RMS of h, in every block
+    float ss = 0.f;
+    for (int i = threadIdx.x * 8; i < DIN; i += NW * 256) {
+      float a[8], b[8];
+      moedec::load8(x + (size_t)t * DIN + i, a);
+      moedec::load8(r + (size_t)t * DIN + i, b);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float v = moedec::to_f((X)(a[j] + b[j]));
+        ss += v * v;
+      }
+    }
+    ss = moedec::warp_sum(ss);
+    if (lane == 0) s_part[warp][0] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float tot = 0.f;
+#pragma unroll
+      for (int w_ = 0; w_ < NW; ++w_) tot += s_part[w_][0];
+      s_rms[t] = rsqrtf(tot / DIN + eps[0]);
+    }
+    __syncthreads();
+  }
+  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < T * (DIN / 8); c += gridDim.x * blockDim.x) {
+    const int t = c / (DIN / 8), i = (c % (DIN / 8)) * 8;  // h and n, over the grid
+    float a[8], b[8], g[8];
+    moedec::load8(x + (size_t)t * DIN + i, a);
+    moedec::load8(r + (size_t)t * DIN + i, b);
+    moedec::load8(gw + i, g);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const X o = (X)(a[j] + b[j]);
+      h[(size_t)t * DIN + i + j] = o;
+      n[(size_t)t * DIN + i + j] = (X)(g[j] * moedec::to_f((X)(moedec::to_f(o) * s_rms[t])));
+    }
+  }
+  auto row = [&](int t, int c, float* v) {  // n's values, as written above
+    float a[8], b[8], g[8];
+    moedec::load8(x + (size_t)t * DIN + c * 8, a);
+    moedec::load8(r + (size_t)t * DIN + c * 8, b);
+    moedec::load8(gw + c * 8, g);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = moedec::to_f((X)(g[j] * moedec::to_f((X)(moedec::to_f((X)(a[j] + b[j])) * s_rms[t]))));
+  };
+  moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
+  if (!moedec::last_block(done, &s_last)) return;
+  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
 """

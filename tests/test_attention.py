@@ -214,15 +214,17 @@ def test_fused_layers_on_the_gpu_decode_like_stock(monkeypatch):
     routes = []
     stock_gate, be = glm4_moe.MoEGate.__call__, kernels.BACKENDS["cuda"]
 
-    def recorded(route):
+    def recorded(route):  # a router, or the add + norm + router op: (.., inds, scores)
         def call(*args):
-            inds, scores = route(*args)
+            out = route(*args)
+            inds = out[-2]
             routes.append(mx.sort(inds.reshape(-1, inds.shape[-1]), axis=-1).tolist())
-            return inds, scores
+            return out
         return call
 
     monkeypatch.setattr(glm4_moe.MoEGate, "__call__", recorded(stock_gate))
-    monkeypatch.setitem(kernels.BACKENDS, "cuda", attrs.evolve(be, router=recorded(be.router)))
+    monkeypatch.setitem(kernels.BACKENDS, "cuda", attrs.evolve(be, router=recorded(be.router),
+                                                               add_norm_router=recorded(be.add_norm_router)))
     model = synthetic_glm(scale=0.125, num_hidden_layers=3)
     per_forward = len(kernels.moe_blocks(model))
     kernels.patch(model, "stock")

@@ -257,6 +257,30 @@ def test_fused_router_is_a_top_k_of_the_gate(n_group, topk_group):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d,n_group,topk_group", [(mx.bfloat16, 4096, 1, 1), (mx.float16, 128, 4, 2),
+                                                        (mx.float32, 1000, 1, 1)])
+def test_add_norm_router_is_the_add_norm_then_the_router(dtype, d, n_group, topk_group):
+    """One kernel for the residual add, the RMSNorm and the router: ``h`` is ``x + r``, ``n`` the norm
+    of it (the sum of squares in another order than MLX's), and the routing is bit for bit the router
+    kernel's of that ``n``, for 1 to 16 tokens (decode forwards take it: ADD_NORM_ROUTER_TOKENS)."""
+    from moedec.kernels.router import ADD_NORM_ROUTER_TOKENS, add_norm_router, fused_router, why_not_add_norm_router
+
+    gate = _glm_block(bits=None, dtype=dtype, hidden_size=d, n_group=n_group, topk_group=topk_group).gate
+    x, r = ((mx.random.normal((1, 16, d), key=mx.random.key(i))).astype(dtype) for i in (1, 2))
+    w = (1 + 0.1 * mx.random.normal((d,), key=mx.random.key(3))).astype(dtype)
+    tol = {mx.bfloat16: 1e-2, mx.float16: 2e-3, mx.float32: 1e-5}[dtype]
+    for t in (1, 5, 16):
+        xt, rt = x[:, :t], r[:, :t]
+        assert (why_not_add_norm_router(gate, xt, rt, w) is None) == (t <= ADD_NORM_ROUTER_TOKENS)
+        h, n, inds, scores = add_norm_router(gate, xt, rt, w, 1e-5)
+        assert mx.array_equal(h, xt + rt).item()
+        assert mx.allclose(n, mx.fast.rms_norm(xt + rt, w, 1e-5), rtol=tol, atol=tol).item()
+        ref_inds, ref_scores = fused_router(gate, n)
+        assert mx.array_equal(inds, ref_inds).item() and mx.array_equal(scores, ref_scores).item(), t
+
+
+@gpu
+@pytest.mark.gpu
 def test_fused_kernel_is_lossless_end_to_end():
     """float32 activations and scales; the fused kernels make each token's MoE output independent
     of the forward it is in, so verify == single holds on the MoE side (near-ties aside)."""
@@ -330,6 +354,59 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
     finally:
         kernels.patch(glm, "stock")
         kernels.patch(qwen, "stock")
+
+
+def test_add_norm_and_router_join_where_the_backend_has_it(monkeypatch):
+    """Under ``kernels.joined`` a decoder layer with a fused MoE block hands the add, the norm and the
+    router to the backend's ``add_norm_router`` where it has one (and ``layer.JOIN_ROUTER``), and its
+    block takes that routing: outputs as mlx-lm's (a CPU stand-in computing the reference)."""
+    from moedec.kernels import layer
+    from moedec.testing import tiny_moe
+
+    calls = []
+
+    def moe(sw, x, inds, scores, shared, residual=None):
+        calls.append("block")
+        y = (grouped_switch_glu(sw, x, inds) * scores[..., None]).sum(axis=-2).astype(x.dtype)
+        y = y if shared is None else y + shared(x)
+        return y if residual is None else residual + y
+
+    def add_norm(x, r, w, eps):
+        calls.append("add_norm")
+        return x + r, mx.fast.rms_norm(x + r, w, eps)
+
+    def add_norm_router(gate, x, r, w, eps):
+        calls.append("add_norm_router")
+        n = mx.fast.rms_norm(x + r, w, eps)
+        return (x + r, n, *gate(n))
+
+    def router(gate, x):
+        calls.append("router")
+        return gate(x)
+
+    fake = kernels.Backend(why_not=lambda sw, x, i: None, switch_glu=None, moe=moe,
+                           why_not_shared=lambda sw, sh: None, why_not_router=lambda g, x: None, router=router,
+                           why_not_add_norm=lambda x, r, w: None, add_norm=add_norm,
+                           why_not_add_norm_router=lambda g, x, r, w: None, add_norm_router=add_norm_router)
+    monkeypatch.setitem(kernels.BACKENDS, "stand-in", fake)
+    monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
+    monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
+    glm = tiny_moe("glm4_moe")
+    ids = mx.array([[3, 1, 4, 1, 5]])
+    ref = glm(ids)
+    kernels.patch(glm, "auto")
+    try:
+        blocks = len(kernels.moe_blocks(glm))
+        for join in (True, False):
+            monkeypatch.setattr(layer, "JOIN_ROUTER", join)
+            calls.clear()
+            with kernels.joined(glm):
+                got = glm(ids)
+            joined = calls.count("add_norm_router")
+            assert (joined, calls.count("router"), calls.count("block")) == ((blocks, 0, blocks) if join else (0, blocks, blocks))
+            assert mx.allclose(got, ref, atol=1e-4).item()
+    finally:
+        kernels.patch(glm, "stock")
 
 
 @pytest.mark.parametrize("bits,group,d,n,dtype,path", [
@@ -494,6 +571,11 @@ def test_router_eligibility():
     assert why_not_router(gate, mx.zeros((1, MAX_TOKENS, 128), mx.bfloat16)) is None
     assert "prefill" in why_not_router(gate, mx.zeros((1, MAX_TOKENS + 1, 128), mx.bfloat16))
     assert why_not_router(gate, mx.zeros((1, 1, 64), mx.bfloat16)) is not None  # not the router's width
+    from moedec.kernels.router import why_not_add_norm_router
+
+    one, two, w = mx.zeros((1, 1, 128), mx.bfloat16), mx.zeros((1, 2, 128), mx.bfloat16), mx.ones((128,), mx.bfloat16)
+    assert why_not_add_norm_router(gate, one, one, w) is None  # decode: add + norm + router in one kernel
+    assert "apart are faster" in why_not_add_norm_router(gate, two, two, w)
 
 
 def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
@@ -527,7 +609,10 @@ def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
     ops.decode_attention_write(q, k, k, one, one, at, 0.1)
     ops.decode_attention_qkv(mx.zeros((1, 1, 8, 32), bf), k, k, at, 0.1, 4, ops.rope_spec(nn.RoPE(16)))
     router.fused_router(_glm_block(bits=None, dtype=bf).gate, mx.zeros((1, 1, 128), bf))
-    assert {name for name, _ in launched} == {"add_norm", "attention", "attention_write", "attention_qkv", "router"}
+    x128 = mx.zeros((1, 1, 128), bf)
+    router.add_norm_router(_glm_block(bits=None, dtype=bf).gate, x128, x128, mx.ones((128,), bf), 1e-5)
+    assert {name for name, _ in launched} == {"add_norm", "attention", "attention_write", "attention_qkv", "router",
+                                              "router_norm"}
     for name, inputs in launched:
         assert all(a.nbytes > 8 for a in inputs), (name, [(a.shape, a.dtype) for a in inputs if a.nbytes <= 8])
 
