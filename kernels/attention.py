@@ -42,10 +42,13 @@ class QKVPlan:
     bits: int = 0
     mode: str = "affine"
 
-    def project(self, x: mx.array) -> mx.array:
-        """``x [.., D] -> [.., Nq + 2 Nkv]``: what ``q_proj``, ``k_proj`` and ``v_proj`` give, side by side."""
-        y = quantized_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode)
-        return y if self.bias is None else y + self.bias
+    def project(self, x: mx.array, shape: Optional[tuple] = None) -> mx.array:
+        """``x [.., D] -> [.., Nq + 2 Nkv]`` (or ``shape``, e.g. split into heads): what ``q_proj``,
+        ``k_proj`` and ``v_proj`` give, side by side."""
+        if self.bias is not None:
+            y = quantized_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode) + self.bias
+            return y if shape is None else y.reshape(shape)
+        return quantized_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode, shape)
 
 
 def _joined(layers, name: str) -> Optional[mx.array]:
@@ -84,7 +87,7 @@ def _attention_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=No
     if plan.reason or L > MAX_TOKENS:
         return self._moedec_stock_call(x, mask=mask, cache=cache)
     H, HK = self.n_heads, self.n_kv_heads
-    qkv = plan.project(x).reshape(B, L, H + 2 * HK, -1)  # [B, L, H + 2 HK, Dh]
+    qkv = plan.project(x, (B, L, H + 2 * HK, plan.weight.shape[0] // (H + 2 * HK)))  # [B, L, H + 2 HK, Dh]
     attend = getattr(cache, "attend_qkv", None)  # the compiled step's cache: RoPE, attention, write in one kernel
     if L == 1 and not self.use_qk_norm and attend is not None:
         out = attend(qkv, H, self.rope, self.scale)  # [B, 1, H * Dh], or None

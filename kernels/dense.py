@@ -64,28 +64,30 @@ def dense_kernel(x_dtype, din: int, nout: int, group: int, split: int = DENSE_SP
 
 
 def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-            split: int = DENSE_SPLIT) -> mx.array:
+            split: int = DENSE_SPLIT, shape: Optional[tuple] = None) -> mx.array:
     """``x [.., DIN] -> [.., NOUT]``: ``mx.quantized_matmul(x, weight, scales, biases, transpose=True,
-    group_size=group_size, bits=4)`` (check :func:`why_not_dense` first)."""
+    group_size=group_size, bits=4)`` (check :func:`why_not_dense` first); ``shape``: the result in that
+    shape (of as many values) as the kernel's own output, with no reshape after it."""
     din, nout = x.shape[-1], weight.shape[0]
     template, smem = dense_kernel(x.dtype, din, nout, group_size, split)
     tiles = WARPS // dict(template)["SPLIT"]
     (y,) = _kernel("dense_mma", smem)(
         inputs=[x, weight, scales, biases], template=template,
         grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(*x.shape[:-1], nout)], output_dtypes=[x.dtype],
+        output_shapes=[shape or (*x.shape[:-1], nout)], output_dtypes=[x.dtype],
     )
     return y
 
 
 def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array], group_size: int,
-                     bits: int, mode: str = "affine") -> mx.array:
-    """``mx.quantized_matmul(x, weight, scales, biases, transpose=True, ...)``: through :func:`qlinear`
-    where it fits, else MLX's."""
+                     bits: int, mode: str = "affine", shape: Optional[tuple] = None) -> mx.array:
+    """``mx.quantized_matmul(x, weight, scales, biases, transpose=True, ...)`` (reshaped to ``shape`` if
+    given): through :func:`qlinear` where it fits, else MLX's."""
     if why_not_dense(x, weight, scales, biases, bits, group_size, mode) is None:
-        return qlinear(x, weight, scales, biases, group_size)
-    return mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True, group_size=group_size,
-                               bits=bits, mode=mode)
+        return qlinear(x, weight, scales, biases, group_size, shape=shape)
+    y = mx.quantized_matmul(x, weight, scales=scales, biases=biases, transpose=True, group_size=group_size,
+                            bits=bits, mode=mode)
+    return y if shape is None else y.reshape(shape)
 
 
 def _linear_call(self, x: mx.array) -> mx.array:

@@ -114,7 +114,7 @@ def test_compiled_step_traces_the_joined_attention(monkeypatch, qk_norm):
     ref = moedec.generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=False).tokens
     projected = []
     project = QKVPlan.project
-    monkeypatch.setattr(QKVPlan, "project", lambda plan, x: projected.append(x.shape) or project(plan, x))
+    monkeypatch.setattr(QKVPlan, "project", lambda plan, x, *a: projected.append(x.shape) or project(plan, x, *a))
     dec = moedec.stream_generate(model, [4, 5, 6], max_tokens=20, eos_token_ids=[], compile_step=True)
     got = tuple(t for c in dec for t in c.tokens)
     assert dec.compile_reason is None and got == tuple(ref)
