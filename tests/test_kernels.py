@@ -576,6 +576,8 @@ def test_router_eligibility():
     one, two, w = mx.zeros((1, 1, 128), mx.bfloat16), mx.zeros((1, 2, 128), mx.bfloat16), mx.ones((128,), mx.bfloat16)
     assert why_not_add_norm_router(gate, one, one, w) is None  # decode: add + norm + router in one kernel
     assert "apart are faster" in why_not_add_norm_router(gate, two, two, w)
+    wide = _glm_block(bits=None, dtype=mx.bfloat16, n_routed_experts=600).gate  # the selection's tables would not fit
+    assert "at most 512 experts" in why_not_router(wide, one)
 
 
 def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
