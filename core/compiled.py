@@ -12,7 +12,8 @@ the one the uncompiled path leaves.
 
 On CUDA the step's attention is moedec's decode-attention kernel, which reads the valid length
 from the offset array (MLX's fused attention takes no mask there) and, with :data:`FUSED_CACHE_WRITE`,
-writes the new position into the layer's cache in the same kernel; with :data:`FUSED_ROPE` a joined
+writes the new position into the layer's cache in the same kernel, in place (the buffers are the
+step's own: no copy of the cache per step); with :data:`FUSED_ROPE` a joined
 q/k/v layer's RoPE runs in it too (:meth:`StaticKVCache.attend_qkv`). Elsewhere (and for any attention
 call the kernel cannot take) the new position is written with a select rather than a dynamic-offset
 update (which costs two extra kernels per cache array).

@@ -12,9 +12,10 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 # values at once (independent loads in flight together), sums the U scores across lanes, and folds the
 # run into its online softmax; then warp 0 merges the warps. Lane i holds elements i*EPL.. of a row.
 # ATTENTION_WRITE (the same body with WRITE): the new token's key and value come as kn, vn [B, HKV, 1, D]
-# (the cache holds positions 0..offset-1), and the blocks of each key/value head's first query head
-# write positions 0..offset of the new cache kc, vc [B, HKV, C, D] and zeros past them (a cache with
-# no uninitialised rows): one kernel instead of two cache-wide selects per layer.
+# (the cache holds positions 0..offset-1), and warp 0 of the first query head's block of each key/value
+# head writes them at position offset of k and v themselves, in place (the inputs are the compiled
+# step's own buffers; no block reads that row from memory, so no block waits for the write): one
+# kernel instead of two cache-wide selects per layer, and no copy of the cache per step.
 # ATTENTION_QKV (WRITE, and the inputs from one row): the query, key and value heads come as the joined
 # projection's output qkv [B, 1, H + 2 HKV, D] (query heads, then key heads, then value heads), before
 # RoPE; the kernel rotates the query and the new key (moedec::rope_part; template R rotated dims, TRAD,
@@ -30,7 +31,7 @@ ATTENTION = r"""
   const size_t at = ((size_t)b * HKV + kvh) * C * D + lane * EPL;  // this lane's part of position 0
   const X* kp = k + at;
   const X* vp = v + at;
-  const bool writer = WRITE && h % (H / HKV) == 0;  // one block per key/value head writes the new cache
+  const bool writer = WRITE && h % (H / HKV) == 0 && off < C;  // one block per key/value head writes the new row
   Row qr, kn_r, vn_r;  // this lane's part of the query and (WRITE) of the new token's key and value
   // INPUTS
   float qv[EPL], acc[EPL];
@@ -38,6 +39,10 @@ ATTENTION = r"""
   for (int i = 0; i < EPL; ++i) {
     qv[i] = moedec::to_f(qr.v[i]) * scale[0];
     acc[i] = 0.f;
+  }
+  if (writer && warp == 0) {  // the new position, into the step's own cache
+    *reinterpret_cast<Row*>(const_cast<X*>(kp) + (size_t)off * D) = kn_r;
+    *reinterpret_cast<Row*>(const_cast<X*>(vp) + (size_t)off * D) = vn_r;
   }
   float m = -INFINITY, l = 0.f;
   for (int j0 = warp * U; j0 < L; j0 += NW * U) {  // a run: positions j0 .. j0 + U - 1 (those < L count)
@@ -49,13 +54,6 @@ ATTENTION = r"""
       kr[u] = fresh ? kn_r : *reinterpret_cast<const Row*>(kp + (size_t)j * D);
       vr[u] = fresh ? vn_r : *reinterpret_cast<const Row*>(vp + (size_t)j * D);
     }
-    if (writer)
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (j0 + u < L) {
-          *reinterpret_cast<Row*>(kc + at + (size_t)(j0 + u) * D) = kr[u];
-          *reinterpret_cast<Row*>(vc + at + (size_t)(j0 + u) * D) = vr[u];
-        }
     float sc[U], mc = -INFINITY;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -82,15 +80,6 @@ ATTENTION = r"""
     }
     m = mn;
   }
-  if (writer) {  // positions past the new one: zeros, so the new cache holds no stale or uninitialised rows
-    Row zero;
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) zero.v[i] = (X)0.f;
-    for (int j = L + warp; j < C; j += NW) {
-      *reinterpret_cast<Row*>(kc + at + (size_t)j * D) = zero;
-      *reinterpret_cast<Row*>(vc + at + (size_t)j * D) = zero;
-    }
-  }
   if (lane == 0) { s_m[warp] = m; s_l[warp] = l; }
 #pragma unroll
   for (int i = 0; i < EPL; ++i) s_o[warp][lane * EPL + i] = acc[i];
@@ -112,7 +101,7 @@ ATTENTION = r"""
 """
 _ROW = "*reinterpret_cast<const Row*>"
 _SEPARATE = f"  qr = {_ROW}(q + (size_t)bh * D + lane * EPL);\n"  # q [B, H, 1, D]
-ATTENTION_READ = "  constexpr bool WRITE = false;\n  X *kc = nullptr, *vc = nullptr;\n" + ATTENTION.replace("  // INPUTS\n", _SEPARATE)
+ATTENTION_READ = "  constexpr bool WRITE = false;\n" + ATTENTION.replace("  // INPUTS\n", _SEPARATE)
 ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION.replace("  // INPUTS\n", _SEPARATE + f"""\
   const size_t at_new = ((size_t)b * HKV + kvh) * D + lane * EPL;  // kn, vn [B, HKV, 1, D]
   kn_r = {_ROW}(kn + at_new);

@@ -5,7 +5,7 @@ signatures in :data:`moedec.kernels.fused.SIGNATURES`).
   post-attention norm, :mod:`moedec.kernels.layer`).
 * :func:`decode_attention`: one-token attention over a fixed-capacity cache whose valid length is
   an array (the compiled step's, :mod:`moedec.compiled`); :func:`decode_attention_write` also writes
-  the new position into the cache, and :func:`decode_attention_qkv` takes the joined q/k/v
+  the new position into the cache (in place), and :func:`decode_attention_qkv` takes the joined q/k/v
   projection's output before RoPE and applies the RoPE itself.
 * :func:`copy` and :func:`spin`: for measuring copy bandwidth and GPU time (``examples/bench_kernel.py``).
 """
@@ -84,11 +84,15 @@ def decode_attention(queries: mx.array, keys: mx.array, values: mx.array, offset
 def decode_attention_write(queries: mx.array, keys: mx.array, values: mx.array, new_keys: mx.array,
                            new_values: mx.array, offset: mx.array, scale: float) -> tuple[mx.array, mx.array, mx.array]:
     """:func:`decode_attention` with the new token's ``new_keys`` / ``new_values [B, Hkv, 1, D]`` at
-    position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes the new cache:
-    ``(output, keys', values')`` with positions ``0..offset`` of ``keys'`` / ``values'`` set and the
-    positions after them zero. Check :func:`why_not_decode_attention` first."""
-    return tuple(_attention("attention_write", [queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
-                            [queries.shape, keys.shape, values.shape]))
+    position ``offset`` (the cache holds ``0..offset-1``), in one kernel that also writes them at
+    ``offset`` of ``keys`` / ``values`` **in place**: ``(output, keys, values)``, the very arrays,
+    their other rows untouched. Only for buffers that nothing else reads or will read as they were
+    (the compiled step's own, row-contiguous: MLX would copy any other and the write would be lost);
+    the kernel's later readers must depend on its output (MLX does not know of the write). No copy
+    of the cache per step. Check :func:`why_not_decode_attention` first."""
+    (o,) = _attention("attention_write", [queries, keys, values, new_keys, new_values, offset, _scalar(float(scale))],
+                      [queries.shape])
+    return o, keys, values
 
 
 def rope_spec(rope) -> tuple[int, bool, float, float] | None:
@@ -119,15 +123,16 @@ def decode_attention_qkv(qkv: mx.array, keys: mx.array, values: mx.array, offset
     """:func:`decode_attention_write` from the joined projection's output ``qkv [B, 1, H + 2 Hkv, D]``
     (query, key, value heads) before RoPE: the kernel rotates the query and the new key at position
     ``offset`` as ``mlx.nn.RoPE(*rope)`` does (``rope``: :func:`rope_spec`). ``(output [B, 1, H * D],
-    keys', values')``; check :func:`why_not_attention_qkv` first."""
+    keys, values)``, the new key and value written in place as there; check
+    :func:`why_not_attention_qkv` first."""
     b, _, _, d = qkv.shape
     dims, traditional, base, rope_scale = rope
     # log2 of the float32 base, rounded to float32, as MLX's host code computes it (std::log2(float));
     # numpy's float32 log2 differs in the last bit for ~0.4 % of bases, this for ~0.01 %
     log2_base = float(np.float32(math.log2(float(np.float32(base)))))
     inputs = [qkv, keys, values, offset, _scalar(float(scale)), _scalar(log2_base, rope_scale)]
-    return tuple(_attention("attention_qkv", inputs, [(b, 1, heads * d), keys.shape, values.shape], heads,
-                            [("R", dims), ("TRAD", traditional)]))
+    (o,) = _attention("attention_qkv", inputs, [(b, 1, heads * d)], heads, [("R", dims), ("TRAD", traditional)])
+    return o, keys, values
 
 
 def _attention(name: str, inputs: list, output_shapes: list, heads: int | None = None, extra: list = ()) -> list:
