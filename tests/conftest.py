@@ -1,5 +1,6 @@
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # CI's profile: the property tests run >= 200 examples; "dev" is quicker for local iteration.
@@ -16,8 +17,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped unless MLX runs on a GPU with a fused backend."""
-    import pytest
-
     from moedec.kernels import BACKENDS, device_backend
 
     if device_backend() in BACKENDS:
@@ -26,9 +25,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
