@@ -87,17 +87,26 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
     runs it off the step's path): MLX runs kernels that share no array at the same time, so two
     routings in one graph each need their own. (Under ``mx.compile`` the zeros may become one
     constant that the layers' launches share one after another; the kernel leaves it at zero.)"""
+    _, inds, scores = _launch("router", gate, x, [x], [])
+    return inds, scores
+
+
+def _launch(name: str, gate, x: mx.array, inputs: list, outputs: list) -> list:
+    """Router kernel ``name`` on ``inputs`` and then the gate's weight, correction bias, scaling
+    factor and a block counter of its own; its outputs are ``outputs`` ((shape, dtype) pairs) and then
+    the logits, inds and scores. One block per expert; the last block to finish selects, one warp
+    per token."""
     plan = _plan(gate, _gate_plan)
     w, bias, rsf = plan.inputs
     experts, tokens = w.shape[0], x.size // plan.width
     done = mx.zeros((SMALL,), mx.uint32)  # this launch's own: MLX may run routings that share no array at once
-    _, inds, scores = _kernel("router")(
-        inputs=[x, w, bias, rsf, done], template=router_template(x.dtype, *plan.spec),
+    picks = (*x.shape[:-1], plan.top_k)
+    return _kernel(name)(
+        inputs=[*inputs, w, bias, rsf, done], template=router_template(x.dtype, *plan.spec),
         grid=(experts * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
-        output_shapes=[(tokens, experts), (*x.shape[:-1], plan.top_k), (*x.shape[:-1], plan.top_k)],
-        output_dtypes=[mx.float32, mx.int32, mx.float32],
-    )  # one block per expert; the last block to finish selects, one warp per token
-    return inds, scores
+        output_shapes=[shape for shape, _ in outputs] + [(tokens, experts), picks, picks],
+        output_dtypes=[dtype for _, dtype in outputs] + [mx.float32, mx.int32, mx.float32],
+    )
 
 
 #: Most tokens :func:`add_norm_router` takes: every block finds each token's norm and forms the
@@ -117,15 +126,6 @@ def add_norm_router(gate, x: mx.array, r: mx.array, weight: mx.array, eps: float
     """``(h, n, inds, scores)``: ``h = x + r``, ``n = mx.fast.rms_norm(h, weight, eps)`` (as
     :func:`moedec.kernels.ops.add_rms_norm`) and ``fused_router(gate, n)``, in one kernel (check
     :func:`why_not_add_norm_router` first)."""
-    plan = _plan(gate, _gate_plan)
-    w, bias, rsf = plan.inputs
-    experts, tokens = w.shape[0], x.size // plan.width
-    done = mx.zeros((SMALL,), mx.uint32)  # as fused_router's
-    h, n, _, inds, scores = _kernel("router_norm")(
-        inputs=[x, r, weight, _scalar(float(eps)), w, bias, rsf, done],
-        template=router_template(x.dtype, *plan.spec),
-        grid=(experts * 32 * ROUTER_WARPS, 1, 1), threadgroup=(32 * ROUTER_WARPS, 1, 1),
-        output_shapes=[x.shape, x.shape, (tokens, experts), (*x.shape[:-1], plan.top_k), (*x.shape[:-1], plan.top_k)],
-        output_dtypes=[x.dtype, x.dtype, mx.float32, mx.int32, mx.float32],
-    )  # as the router's launch; every block also finds each token's norm, the grid writes h and n
+    h, n, _, inds, scores = _launch("router_norm", gate, x, [x, r, weight, _scalar(float(eps))],
+                                    [(x.shape, x.dtype), (x.shape, x.dtype)])  # every block also finds each token's norm
     return h, n, inds, scores

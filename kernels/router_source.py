@@ -130,14 +130,10 @@ __device__ void select_top_k(const float* logits, const B* bias, const float* rs
 }
 """
 
-# ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
-# B correction-bias dtype, DIN hidden size, NE experts, K top-k, NG groups, TG groups kept, NORM
-# normalise the top-k weights, NW warps per block, MT the most tokens. One block per expert. Inputs
-# x [T, D], w [E, D], bias [E], rsf [SMALL] (element 0: the scaling factor), done [SMALL] uint32
-# (element 0: a block counter, zero; the last block puts it back to zero). Outputs logits [T, E]
-# float32 (scratch), inds [T, K] int32, scores [T, K] float32: one kernel on the step's path instead
-# of a logits and a selection kernel per layer.
-ROUTER = r"""
+# How both router bodies open and close: the shared tables and the token count, this block's router
+# row (expert blockIdx.x) asked for before anything else; then the logits from the body's row(t, c, v)
+# (a token's input, 8 values of chunk c), the block count and the selection.
+_OPEN = r"""
   constexpr int CH = (DIN / 8 + NW * 32 - 1) / (NW * 32);  // chunks of 8 inputs per thread
   __shared__ float s_sig[NW][NE];   // sigmoid(logit): the weight of a chosen expert
   __shared__ float s_sel[NW][NE];   // selection score: sigmoid + correction bias
@@ -154,11 +150,23 @@ ROUTER = r"""
     const int c = threadIdx.x + k * NW * 32;
     if (c < DIN / 8) wq[k] = moedec::fetch8(wr + c * 8);
   }
-  auto row = [&](int t, int c, float* v) { moedec::load8(x + (size_t)t * DIN + c * 8, v); };
+"""
+_CLOSE = r"""
   moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
   if (!moedec::last_block(done, &s_last)) return;
   moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
 """
+
+# ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
+# B correction-bias dtype, DIN hidden size, NE experts, K top-k, NG groups, TG groups kept, NORM
+# normalise the top-k weights, NW warps per block, MT the most tokens. One block per expert. Inputs
+# x [T, D], w [E, D], bias [E], rsf [SMALL] (element 0: the scaling factor), done [SMALL] uint32
+# (element 0: a block counter, zero; the last block puts it back to zero). Outputs logits [T, E]
+# float32 (scratch), inds [T, K] int32, scores [T, K] float32: one kernel on the step's path instead
+# of a logits and a selection kernel per layer.
+ROUTER = _OPEN + r"""
+  auto row = [&](int t, int c, float* v) { moedec::load8(x + (size_t)t * DIN + c * 8, v); };
+""" + _CLOSE
 
 # ROUTER_NORM. Template: as ROUTER, with X also the dtype of r, gw and the outputs h, n. Inputs x, r
 # [T, D], gw [D] (the norm's weight), eps [SMALL] float32 (element 0), then w, bias, rsf, done as
@@ -167,25 +175,9 @@ ROUTER = r"""
 # first, then computes each token's RMS factor while the row arrives (the rows are small and stay in
 # L2); the grid writes h and n, and each block forms the values of n it needs itself: the router
 # does not wait for another kernel's n.
-ROUTER_NORM = r"""
-  constexpr int CH = (DIN / 8 + NW * 32 - 1) / (NW * 32);
-  __shared__ float s_sig[NW][NE];
-  __shared__ float s_sel[NW][NE];
-  __shared__ float s_grp[NW][NG];
-  __shared__ float s_part[NW][MT];
-  __shared__ int s_pick[NW][K];
+ROUTER_NORM = _OPEN + r"""
   __shared__ float s_rms[MT];
-  __shared__ bool s_last;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int T = 1;
-  for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
-  const W* wr = w + (size_t)blockIdx.x * DIN;
-  moedec::Raw8<W> wq[CH];
-#pragma unroll
-  for (int k = 0; k < CH; ++k) {
-    const int c = threadIdx.x + k * NW * 32;
-    if (c < DIN / 8) wq[k] = moedec::fetch8(wr + c * 8);
-  }
   for (int t = 0; t < T; ++t) {  // each token's 1 / RMS of h, in every block
     float ss = 0.f;
     for (int i = threadIdx.x * 8; i < DIN; i += NW * 256) {
@@ -230,7 +222,4 @@ ROUTER_NORM = r"""
 #pragma unroll
     for (int j = 0; j < 8; ++j) v[j] = moedec::to_f((X)(g[j] * moedec::to_f((X)(moedec::to_f((X)(a[j] + b[j])) * s_rms[t]))));
   };
-  moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
-  if (!moedec::last_block(done, &s_last)) return;
-  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
-"""
+""" + _CLOSE
