@@ -302,14 +302,9 @@ def test_fused_kernel_is_lossless_end_to_end():
         kernels.patch(model, "stock")
 
 
-def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
-    """With a backend present (a CPU stand-in computing the reference), ``auto`` routes the GLM MoE
-    blocks through its block op (combine and shared expert included; under kernels.joined also the
-    decoder layer's residual add, after the backend's add + norm) and leaves other models'
-    SwitchGLU layers on the stock path; ``fused`` takes those too. Outputs stay mlx-lm's."""
-    from moedec.testing import compare_greedy, oracle_greedy, tiny_moe
-
-    calls = []
+def _reference_block_ops(calls: list):
+    """A CPU stand-in backend's ``moe`` and ``add_norm``: mlx-lm's computation, each call recorded
+    in ``calls`` (``block``, ``block + residual``, ``add_norm``)."""
 
     def moe(sw, x, inds, scores, shared, residual=None):
         calls.append("block" if residual is None else "block + residual")
@@ -321,6 +316,26 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
         calls.append("add_norm")
         return x + r, mx.fast.rms_norm(x + r, w, eps)
 
+    return moe, add_norm
+
+
+def _use_stand_in(monkeypatch, backend) -> None:
+    """``backend`` as this device's (``stand-in``), and one that ``auto`` picks."""
+    monkeypatch.setitem(kernels.BACKENDS, "stand-in", backend)
+    monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
+    monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
+
+
+def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
+    """With a backend present (a CPU stand-in computing the reference), ``auto`` routes the GLM MoE
+    blocks through its block op (combine and shared expert included; under kernels.joined also the
+    decoder layer's residual add, after the backend's add + norm) and leaves other models'
+    SwitchGLU layers on the stock path; ``fused`` takes those too. Outputs stay mlx-lm's."""
+    from moedec.testing import compare_greedy, oracle_greedy, tiny_moe
+
+    calls = []
+    moe, add_norm = _reference_block_ops(calls)
+
     def pairs(sw, x, inds):
         calls.append("pairs")
         return grouped_switch_glu(sw, x, inds)
@@ -328,9 +343,7 @@ def test_auto_takes_over_the_measured_blocks_only(monkeypatch):
     fake = kernels.Backend(why_not=lambda sw, x, i: None, switch_glu=pairs, moe=moe,
                            why_not_shared=lambda sw, sh: None, why_not_router=lambda g, x: "stand-in has no router",
                            router=None, why_not_add_norm=lambda x, r, w: None, add_norm=add_norm)
-    monkeypatch.setitem(kernels.BACKENDS, "stand-in", fake)
-    monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
-    monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
+    _use_stand_in(monkeypatch, fake)
     glm, qwen = tiny_moe("glm4_moe"), tiny_moe("qwen3_moe")
     prompt = [3, 1, 4, 1, 5]
     try:
@@ -364,16 +377,7 @@ def test_add_norm_and_router_join_where_the_backend_has_it(monkeypatch):
     from moedec.testing import tiny_moe
 
     calls = []
-
-    def moe(sw, x, inds, scores, shared, residual=None):
-        calls.append("block")
-        y = (grouped_switch_glu(sw, x, inds) * scores[..., None]).sum(axis=-2).astype(x.dtype)
-        y = y if shared is None else y + shared(x)
-        return y if residual is None else residual + y
-
-    def add_norm(x, r, w, eps):
-        calls.append("add_norm")
-        return x + r, mx.fast.rms_norm(x + r, w, eps)
+    moe, add_norm = _reference_block_ops(calls)
 
     def add_norm_router(gate, x, r, w, eps):
         calls.append("add_norm_router")
@@ -388,9 +392,7 @@ def test_add_norm_and_router_join_where_the_backend_has_it(monkeypatch):
                            why_not_shared=lambda sw, sh: None, why_not_router=lambda g, x: None, router=router,
                            why_not_add_norm=lambda x, r, w: None, add_norm=add_norm,
                            why_not_add_norm_router=lambda g, x, r, w: None, add_norm_router=add_norm_router)
-    monkeypatch.setitem(kernels.BACKENDS, "stand-in", fake)
-    monkeypatch.setattr(kernels, "AUTO_BACKENDS", frozenset({"stand-in"}))
-    monkeypatch.setattr(kernels, "device_backend", lambda: "stand-in")
+    _use_stand_in(monkeypatch, fake)
     glm = tiny_moe("glm4_moe")
     ids = mx.array([[3, 1, 4, 1, 5]])
     ref = glm(ids)
@@ -403,7 +405,7 @@ def test_add_norm_and_router_join_where_the_backend_has_it(monkeypatch):
             with kernels.joined(glm):
                 got = glm(ids)
             joined = calls.count("add_norm_router")
-            assert (joined, calls.count("router"), calls.count("block")) == ((blocks, 0, blocks) if join else (0, blocks, blocks))
+            assert (joined, calls.count("router"), calls.count("block + residual")) == ((blocks, 0, blocks) if join else (0, blocks, blocks))
             assert mx.allclose(got, ref, atol=1e-4).item()
     finally:
         kernels.patch(glm, "stock")
