@@ -111,15 +111,18 @@ struct Slots {
   int n;                // slots: distinct experts
 };
 
-// The expert of slot u, known before build_slots when u < K and token 0's K experts are distinct
-// (build_slots numbers slots in pair order, so they are slots 0..K-1), else -1. Warp-uniform.
+// The expert of slot u, known before build_slots when token 0's K experts are distinct: slots 0..K-1
+// are those (build_slots numbers slots in pair order), and in a one-token forward with the shared
+// expert fused (shared_one), slot K is the shared expert's: SHARED_SLOT. Else -1. Warp-uniform.
+constexpr int SHARED_SLOT = -2;
 template <typename I>
-__device__ __forceinline__ int early_expert(const I* inds, int K, int u) {
+__device__ __forceinline__ int early_expert(const I* inds, int K, int u, bool shared_one) {
   const int lane = threadIdx.x & 31;
   const int e = lane < K ? (int)inds[lane] : -1 - lane;  // lanes past K: a value no other lane has
   const bool repeats = __any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1);
   const int eu = __shfl_sync(FULL, e, u & 31);
-  return K > 32 || u >= K || repeats ? -1 : eu;
+  if (K > 32 || repeats) return -1;
+  return u < K ? eu : u == K && shared_one ? SHARED_SLOT : -1;
 }
 
 // Needs blockDim.x == THREADS and P <= MAXP, E <= MAXE. Ends with a barrier.

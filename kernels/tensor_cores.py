@@ -211,14 +211,14 @@ GATE_UP_MMA = r"""
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
   // the first item's expert, if known already (and the ring's first slices all its own)
-  const int early = STAGES - 1 <= SLICES ? moedec::early_expert(inds, K, first / tiles) : -1;
-  int items = early >= 0 ? first + 1 : 0;  // until the slot table is built: the first item, if its expert is known
+  const int early = STAGES - 1 <= SLICES ? moedec::early_expert(inds, K, first / tiles, P == K && meta[0]) : -1;
+  int items = early != -1 ? first + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {  // this warp's k-th slice: slice k % SLICES of its (k / SLICES)-th item
     const int it = first + (k / SLICES) * stride;
     if (it < items) {
       const int slot = it / tiles, n0 = (it % tiles) * 8;
-      const bool known = early >= 0 && it == first, shared = !known && slot == s.n;
+      const bool known = early != -1 && it == first, shared = known ? early == moedec::SHARED_SLOT : slot == s.n;
       const size_t row = shared ? (size_t)n0 : (size_t)(known ? early : s.expert[slot]) * NOUT + n0;  // rows 0..7 gate, 8..15 up
       moedec::queue_slice<KS, GROUP, WORDS, GROUPS, S>(
           st, (shared ? hg : wg) + row * WORDS, (shared ? hu : wu) + row * WORDS, (shared ? hsg : sg) + row * GROUPS,
@@ -227,12 +227,12 @@ GATE_UP_MMA = r"""
     moedec::cp_commit();
   };
 
-  if (early >= 0)  // the first slices stream while every block builds its slot table
+  if (early != -1)  // the first slices stream while every block builds its slot table
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   moedec::build_slots(inds, P, K, wg_shape[0], s);
   items = (s.n + meta[0]) * tiles;
-  if (early < 0)
+  if (early == -1)
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
@@ -300,14 +300,14 @@ DOWN_MMA = r"""
   St* ring = reinterpret_cast<St*>(ring_bytes) + warp * STAGES;
   const unsigned long long once = moedec::evict_first_policy();  // weights are read once
   // the first item's expert, if known already (and the ring's first slices all its own)
-  const int early = STAGES - 1 <= SH ? moedec::early_expert(inds, K, warp / (RG * KH)) : -1;
-  int items = early >= 0 ? warp + 1 : 0;  // until the slot table is built: the first item, if its expert is known
+  const int early = STAGES - 1 <= SH ? moedec::early_expert(inds, K, warp / (RG * KH), P == K && SHARED) : -1;
+  int items = early != -1 ? warp + 1 : 0;  // until the slot table is built: the first item, if its expert is known
 
   auto queue = [&](int k, St& st) {
     const int it = warp + (k / SH) * moedec::WARPS;
     if (it < items) {
       const int u = it / (RG * KH), r0 = (it / KH % RG) * 16;
-      const bool known = early >= 0 && it == warp, shared = !known && u == s.n;
+      const bool known = early != -1 && it == warp, shared = known ? early == moedec::SHARED_SLOT : u == s.n;
       const size_t row = (shared ? 0 : (size_t)(known ? early : s.expert[u]) * NOUT) + d0 + r0;  // 16 consecutive rows
       const uint32_t* w = (shared ? hd : wd) + row * WORDS;
       const S* sc = (shared ? hsd : sd) + row * GROUPS;
@@ -318,12 +318,12 @@ DOWN_MMA = r"""
     moedec::cp_commit();
   };
 
-  if (early >= 0)  // the first slices stream while every block builds its slot table
+  if (early != -1)  // the first slices stream while every block builds its slot table
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   moedec::build_slots(inds, P, K, wd_shape[0], s);
   items = (s.n + (SHARED ? 1 : 0)) * RG * KH;
-  if (early < 0)
+  if (early == -1)
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
   for (int it = warp, k = 0; it < items; it += moedec::WARPS) {

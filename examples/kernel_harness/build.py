@@ -26,7 +26,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from moedec.kernels import fused, resources, tensor_cores
+from moedec.kernels import cuda_source, fused, resources, tensor_cores
 
 HERE = Path(__file__).resolve().parent
 D, N, BITS, GROUP = 4096, 1536, 4, 64
@@ -48,8 +48,8 @@ SPLITS = (2, 4, 8)
 _NO_ARITHMETIC = ([("moedec::item_slice<KS, GROUP, true, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
                   [("moedec::item_slice<KS, GROUP, false, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")])
 PROBES = {
-    "empty": ([("int items = early >= 0 ? first + 1 : 0;", "int items = 0;"), ("items = (s.n + meta[0]) * tiles;", "items = 0;")],
-              [("int items = early >= 0 ? warp + 1 : 0;", "int items = 0;"),
+    "empty": ([("int items = early != -1 ? first + 1 : 0;", "int items = 0;"), ("items = (s.n + meta[0]) * tiles;", "items = 0;")],
+              [("int items = early != -1 ? warp + 1 : 0;", "int items = 0;"),
                ("items = (s.n + (SHARED ? 1 : 0)) * RG * KH;", "items = 0;")], []),
     "loads": (*_NO_ARITHMETIC, []),
     "contiguous": (*_NO_ARITHMETIC, [("reinterpret_cast<const uint4*>(w + (r & 7) * WORDS) + sl * CH + j",
@@ -58,22 +58,25 @@ PROBES = {
 
 
 def sources_at(rev: str | None, probe: str | None = None) -> types.SimpleNamespace:
-    """GATE_UP_MMA, DOWN_MMA and TENSOR_CORES of kernels/tensor_cores.py at ``rev`` (None: the working
-    tree), with a probe's substitutions (see PROBES) applied."""
+    """GATE_UP_MMA, DOWN_MMA and TENSOR_CORES of kernels/tensor_cores.py and SLOTS of
+    kernels/cuda_source.py at ``rev`` (None: the working tree), with a probe's substitutions (see
+    PROBES) applied."""
     if rev is None:
         ns = {k: getattr(tensor_cores, k) for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")}
+        ns["SLOTS"] = cuda_source.SLOTS
     else:
         root = Path(tensor_cores.__file__).resolve().parents[1]
-        src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/tensor_cores.py"], capture_output=True,
-                             text=True, check=True).stdout
         ns = {}
-        exec(compile(src, f"{rev}:tensor_cores.py", "exec"), ns)
+        for module in ("tensor_cores", "cuda_source"):  # the kernels and their slot-table code
+            src = subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/{module}.py"], capture_output=True,
+                                 text=True, check=True).stdout
+            exec(compile(src, f"{rev}:{module}.py", "exec"), ns)
     for key, subs in zip(("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES"), PROBES[probe] if probe else ((), (), ())):
         for old, new in subs:
             if old not in ns[key]:
                 raise SystemExit(f"probe {probe!r}: {key} no longer contains {old!r}")
             ns[key] = ns[key].replace(old, new)
-    return types.SimpleNamespace(**{k: ns[k] for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES")})
+    return types.SimpleNamespace(**{k: ns[k] for k in ("GATE_UP_MMA", "DOWN_MMA", "TENSOR_CORES", "SLOTS")})
 
 
 def kernel_tu(name: str, prefix: str, template: list, dtypes: dict | None = None) -> tuple[str, list[str]]:
@@ -103,7 +106,7 @@ def variant(prefix: str, rev: str | None, probe: str | None = None) -> str:
     try:
         for name, code in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
             i, o, _, head = fused.SIGNATURES[name]
-            fused.SIGNATURES[name] = (i, o, code, head.replace(now.TENSOR_CORES, src.TENSOR_CORES))
+            fused.SIGNATURES[name] = (i, o, code, head.replace(now.TENSOR_CORES, src.TENSOR_CORES).replace(now.SLOTS, src.SLOTS))
         # one gate/up kernel per row of GATE_UP_RING (the ring follows the token count), as fused_moe picks them
         rings = {t: fused.expert_kernels(mx.bfloat16, mx.bfloat16, BITS, D, N, GROUP, t) for t, *_ in fused.GATE_UP_RING}
         ek = rings[1]
