@@ -249,7 +249,7 @@ def _key(model: Any, arrays: list) -> tuple:
     leaves = tuple(a for _, a in tree_flatten(model.parameters()))
     classes = tuple((type(m), m.__dict__.get("moedec_backend")) for _, m in model.named_modules())
     shapes = tuple((k.shape, k.dtype, v.shape, v.dtype) for k, v in arrays)
-    settings = (kernels.device_backend(), FUSED_CACHE_WRITE, FUSED_ROPE, layer.JOIN_ROUTER)
+    settings = (kernels.device_backend(), FUSED_CACHE_WRITE, FUSED_ROPE, layer.JOIN_ROUTER, layer.JOIN_INPUT_NORM)
     return shapes, classes, settings, leaves
 
 

@@ -36,6 +36,7 @@ from moedec.errors import MoedecError
 from .attention import patch_attention
 from .dense import patch_linears
 from .layer import patch_layers
+from .ops import patch_embeddings
 from .patching import set_call
 
 KERNELS = ("auto", "stock", "fused")
@@ -208,7 +209,8 @@ def joined(model):
     """While open: ``model``'s GLM-4.x attention layers join their q/k/v projections and RoPEs, and
     its decoder layers, where the MoE blocks dispatch to a backend, join the residual add and norm
     and pass the residual into the block's last kernel; on CUDA its 4-bit ``QuantizedLinear`` layers
-    (and the joined q/k/v) use the dense tensor-core kernel where it fits (:mod:`.dense`). Same
+    (and the joined q/k/v) use the dense tensor-core kernel where it fits (:mod:`.dense`), and its
+    quantized embeddings one kernel (:func:`.ops.embed`). Same
     results up to the order of float32 sums; fewer, faster kernels per step. The compiled step
     traces under it: there the joins measured faster, while on the plain step the extra Python per
     layer cost more than the kernels saved (docs/benchmarks.md)."""
@@ -216,9 +218,11 @@ def joined(model):
     patch_attention(model, True)
     patch_layers(model, backend)
     patch_linears(model, backend == "cuda")  # the dense kernel is CUDA's
+    patch_embeddings(model, backend == "cuda")  # and the embedding kernel
     try:
         yield
     finally:
+        patch_embeddings(model, False)
         patch_linears(model, False)
         patch_layers(model, None)
         patch_attention(model, False)

@@ -26,7 +26,7 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .dense import quantized_matmul
+from .dense import qlinear_norm, quantized_matmul, why_not_dense_norm
 from .fused import MAX_TOKENS, _plan
 from .patching import set_call
 
@@ -42,9 +42,15 @@ class QKVPlan:
     bits: int = 0
     mode: str = "affine"
 
-    def project(self, x: mx.array, shape: Optional[tuple] = None) -> mx.array:
+    def project(self, x: mx.array, shape: Optional[tuple] = None, norm=None) -> mx.array:
         """``x [.., D] -> [.., Nq + 2 Nkv]`` (or ``shape``, e.g. split into heads): what ``q_proj``,
-        ``k_proj`` and ``v_proj`` give, side by side."""
+        ``k_proj`` and ``v_proj`` give, side by side; of ``norm(x)`` if ``norm`` is given (in the
+        projection's kernel where the dense kernel takes it)."""
+        if norm is not None:
+            if self.bias is None and why_not_dense_norm(x, norm, self.weight, self.scales, self.biases, self.bits,
+                                                        self.group_size, self.mode) is None:
+                return qlinear_norm(x, norm, self.weight, self.scales, self.biases, self.group_size, shape)
+            x = norm(x)
         if self.bias is not None:
             y = quantized_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, self.mode) + self.bias
             return y if shape is None else y.reshape(shape)
@@ -80,14 +86,15 @@ def qkv_plan(attn) -> QKVPlan:
                    q.mode)
 
 
-def _attention_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) -> mx.array:
-    """``glm4_moe.Attention.__call__`` with the q/k/v projections and the RoPEs joined."""
+def _attention_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None, norm=None) -> mx.array:
+    """``glm4_moe.Attention.__call__`` with the q/k/v projections and the RoPEs joined; of ``norm(x)``
+    if ``norm`` is given (the decoder layer's input norm, joined with the projection where it fits)."""
     B, L, _ = x.shape
     plan = _plan(self, qkv_plan)
     if plan.reason or L > MAX_TOKENS:
-        return self._moedec_stock_call(x, mask=mask, cache=cache)
+        return self._moedec_stock_call(x if norm is None else norm(x), mask=mask, cache=cache)
     H, HK = self.n_heads, self.n_kv_heads
-    qkv = plan.project(x, (B, L, H + 2 * HK, plan.weight.shape[0] // (H + 2 * HK)))  # [B, L, H + 2 HK, Dh]
+    qkv = plan.project(x, (B, L, H + 2 * HK, plan.weight.shape[0] // (H + 2 * HK)), norm)  # [B, L, H + 2 HK, Dh]
     attend = getattr(cache, "attend_qkv", None)  # the compiled step's cache: RoPE, attention, write in one kernel
     if L == 1 and not self.use_qk_norm and attend is not None:
         out = attend(qkv, H, self.rope, self.scale)  # [B, 1, H * Dh], or None

@@ -247,6 +247,29 @@ ADD_NORM = r"""
   }
 """
 
+# EMBED: rows of a quantized embedding (mlx-lm's QuantizedEmbedding: mx.dequantize of the gathered
+# rows) in one kernel. Template: X (the scales' dtype, the output's), D, GROUP, BITS (4 or 8). Inputs
+# ids [T] (integers), w [V, D * BITS / 32], sc / bi [V, D / GROUP]; output [T, D]. One block per id;
+# each value is scale * q + bias in X, as MLX's affine dequantize rounds it.
+EMBED = r"""
+  constexpr int PER = 32 / BITS, WORDS = D / PER, GROUPS = D / GROUP;
+  const size_t t = blockIdx.x, row = (size_t)ids[t];
+  for (int i = threadIdx.x; i < WORDS; i += blockDim.x) {
+    const uint32_t q = w[row * WORDS + i];
+    const X s = sc[row * GROUPS + i * PER / GROUP], b = bi[row * GROUPS + i * PER / GROUP];
+#pragma unroll
+    for (int j = 0; j < PER; ++j)
+      out[t * D + i * PER + j] = moedec::mad(s, (X)(float)((q >> (BITS * j)) & ((1u << BITS) - 1u)), b);
+  }
+"""
+
+# s * q + b as MLX's dequantize computes it in X (16-bit: a rounded product, then a rounded sum).
+MAD = r"""
+__device__ __forceinline__ __nv_bfloat16 mad(__nv_bfloat16 s, __nv_bfloat16 q, __nv_bfloat16 b) { return __hadd(__hmul(s, q), b); }
+__device__ __forceinline__ __half mad(__half s, __half q, __half b) { return __hadd(__hmul(s, q), b); }
+__device__ __forceinline__ float mad(float s, float q, float b) { return fmaf(s, q, b); }
+"""
+
 # A plain copy, to measure the device's copy bandwidth with full-width loads and stores.
 COPY = r"""
   const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -17,7 +17,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .fused import MAX_TOKENS, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _stages
+from .fused import (MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _scalar,
+                    _stages)
 from .patching import set_call
 
 DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
@@ -25,6 +26,7 @@ DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
 # in one scratch timing on an H200 (docs/benchmarks.md); examples/kernel_harness times all three.
 DENSE_SPLIT = 4
 MAX_DIN = 16384  # the block's sum-x table is 16 x DIN / GROUP floats of static shared memory
+NORM_TOKENS = 4  # most tokens of qlinear_norm: each block keeps their RMSNorm in shared memory
 
 
 def why_not_dense(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
@@ -73,6 +75,50 @@ def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     tiles = WARPS // dict(template)["SPLIT"]
     (y,) = _kernel("dense_mma", smem)(
         inputs=[x, weight, scales, biases], template=template,
+        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[shape or (*x.shape[:-1], nout)], output_dtypes=[x.dtype],
+    )
+    return y
+
+
+@functools.lru_cache(maxsize=64)
+def dense_norm_kernel(x_dtype, din: int, nout: int, group: int) -> tuple[list, int]:
+    """(template, dynamic shared memory) of ``DENSE_NORM_MMA``: ``DENSE_MMA``'s ring plus the
+    normalised activations of up to :data:`NORM_TOKENS` tokens; 0 bytes: no fit."""
+    template, smem = dense_kernel(x_dtype, din, nout, group)
+    if not smem:
+        return [], 0
+    t = dict(template)
+    ring = t["STAGES"] * WARPS * (8 * t["KS"] + t["KS"] * x_dtype.size)  # as dense_kernel sized it
+    smem = max(ring + NORM_TOKENS * din * x_dtype.size, OPT_IN)
+    return (template, smem) if smem <= SMEM_BUDGET else ([], 0)
+
+
+def why_not_dense_norm(x: mx.array, norm, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
+                       group_size: int, mode: str = "affine") -> str | None:
+    """``None`` if :func:`qlinear_norm` can compute ``norm(x) @ dequantize(weight).T`` (``norm`` an
+    ``nn.RMSNorm``), else why not."""
+    reason = why_not_dense(x, weight, scales, biases, bits, group_size, mode)
+    if reason:
+        return reason
+    if not isinstance(norm, nn.RMSNorm) or norm.weight.shape != (x.shape[-1],) or norm.weight.dtype != x.dtype:
+        return "the norm must be an RMSNorm with a weight of the activations' width and dtype"
+    if x.size // x.shape[-1] > NORM_TOKENS:
+        return f"more than {NORM_TOKENS} tokens"
+    if not dense_norm_kernel(x.dtype, x.shape[-1], weight.shape[0], group_size)[1]:
+        return "the normalised activations do not fit the block's shared memory"
+    return None
+
+
+def qlinear_norm(x: mx.array, norm, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                 shape: Optional[tuple] = None) -> mx.array:
+    """:func:`qlinear` of ``norm(x)`` (``norm`` an ``nn.RMSNorm``; check :func:`why_not_dense_norm`
+    first), the norm computed in the same kernel and rounded as ``mx.fast.rms_norm`` rounds it."""
+    din, nout = x.shape[-1], weight.shape[0]
+    template, smem = dense_norm_kernel(x.dtype, din, nout, group_size)
+    tiles = WARPS // dict(template)["SPLIT"]
+    (y,) = _kernel("dense_norm_mma", smem)(
+        inputs=[x, weight, scales, biases, norm.weight, _scalar(norm.eps)], template=template,
         grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
         output_shapes=[shape or (*x.shape[:-1], nout)], output_dtypes=[x.dtype],
     )

@@ -9,7 +9,7 @@ slices (:mod:`.tensor_cores`); its Python side is :mod:`.dense`.
 # of a tile each take SLICES / SPLIT consecutive slices, and the block adds their partial dots in warp
 # order (whatever T is, so a token alone and among 16 gets the same bits). Inputs x [T, DIN], w, sc, bi
 # as MLX's QuantizedLinear stores them; output y [T, NOUT] in X (float32 sums rounded once).
-DENSE_MMA = r"""
+_HEAD = r"""
   constexpr int SLICES = DIN / KS, WORDS = DIN / 8, GROUPS = DIN / GROUP, TILES = moedec::WARPS / SPLIT;
   constexpr int SP = SLICES / SPLIT;  // slices per warp
   static_assert(SLICES % SPLIT == 0 && NOUT % 16 == 0, "whole slices per warp, whole row tiles");
@@ -38,7 +38,11 @@ DENSE_MMA = r"""
 
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
+"""
+
+# The rest of the kernel, on the activations xs [T, DIN] (x itself, or its RMSNorm in shared memory).
+_TAIL = r"""
+  moedec::sum_x_table<GROUP, GROUPS>(xs, T, s_sx);
   __syncthreads();
 
   if (live) {
@@ -46,7 +50,7 @@ DENSE_MMA = r"""
     const float* sx[2][2];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      xr[nt] = x + (size_t)min(nt * 8 + g, T - 1) * DIN;
+      xr[nt] = xs + (size_t)min(nt * 8 + g, T - 1) * DIN;
 #pragma unroll
       for (int h = 0; h < 2; ++h) sx[nt][h] = s_sx + min(nt * 8 + 2 * c + h, T - 1) * GROUPS;
     }
@@ -82,3 +86,49 @@ DENSE_MMA = r"""
     }
   }
 """
+
+# x's RMSNorm first (mlx-lm's input_layernorm before the q/k/v projection), in the same kernel: one
+# launch fewer per layer. Inputs also nw [DIN] (the norm's weight, X) and eps [1] float32; T <= NT tokens.
+# Each block normalises the tokens into shared memory after its ring while the ring's first slices
+# stream, rounded as MLX's rms_norm: xn = X(nw * X(x * rsqrt(mean(x^2) + eps))).
+_NORM = r"""
+  constexpr int CH = (DIN / 8 + moedec::THREADS - 1) / moedec::THREADS;  // chunks of 8 per thread
+  __shared__ float s_ss[moedec::WARPS];
+  X* xn = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN]
+  for (int t = 0; t < T; ++t) {
+    float xv[CH][8], ss = 0.f;
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+      const int i = (ch * moedec::THREADS + threadIdx.x) * 8;
+      if (i < DIN) {
+        moedec::load8(x + (size_t)t * DIN + i, xv[ch]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) ss += xv[ch][j] * xv[ch][j];
+      }
+    }
+    ss = moedec::warp_sum(ss);
+    if (lane == 0) s_ss[warp] = ss;
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int w_ = 0; w_ < moedec::WARPS; ++w_) tot += s_ss[w_];
+    const float r = rsqrtf(tot / DIN + eps[0]);
+#pragma unroll
+    for (int ch = 0; ch < CH; ++ch) {
+      const int i = (ch * moedec::THREADS + threadIdx.x) * 8;
+      if (i < DIN) {
+        float gw[8];
+        moedec::load8(nw + i, gw);
+        alignas(16) X o[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o[j] = (X)(gw[j] * moedec::to_f((X)(xv[ch][j] * r)));
+        *reinterpret_cast<uint4*>(xn + (size_t)t * DIN + i) = *reinterpret_cast<const uint4*>(o);
+      }
+    }
+    __syncthreads();  // s_ss is read before the next token's sums
+  }
+  const X* xs = xn;
+"""
+
+DENSE_MMA = _HEAD + "  const X* xs = x;\n" + _TAIL
+DENSE_NORM_MMA = _HEAD + _NORM + _TAIL

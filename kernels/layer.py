@@ -7,7 +7,9 @@ kernel; a dense MLP keeps its own add. Each op rounds as mlx-lm's do, so results
 order of float32 sums (tests/test_kernels.py, on the GPU).
 
 With :data:`JOIN_ROUTER`, where the backend has it, the add, the norm and the MoE block's router
-are one kernel (:func:`moedec.kernels.moe_after_add_norm`).
+are one kernel (:func:`moedec.kernels.moe_after_add_norm`). With :data:`JOIN_INPUT_NORM` the input
+norm goes to the joined attention (:mod:`.attention`), whose q/k/v kernel computes it where it fits
+(``dense.qlinear_norm``).
 
 Forwards of more than :data:`MAX_TOKENS` tokens (prefill) keep mlx-lm's call.
 """
@@ -23,6 +25,7 @@ from .attention import MAX_TOKENS
 from .patching import set_call
 
 JOIN_ROUTER = True  # the add + norm and the MoE router in one kernel where the backend has it
+JOIN_INPUT_NORM = True  # the input norm in the joined q/k/v projection's kernel where it fits
 
 
 def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) -> mx.array:
@@ -32,7 +35,10 @@ def _layer_call(self, x: mx.array, mask: Optional[mx.array] = None, cache=None) 
     be = BACKENDS.get(self.moedec_backend or "")
     if be is None or x.shape[1] > MAX_TOKENS:
         return self._moedec_stock_call(x, mask=mask, cache=cache)
-    r = self.self_attn(self.input_layernorm(x), mask, cache)  # [B, L, D]
+    if JOIN_INPUT_NORM and getattr(type(self.self_attn), "_moedec_fused_attention", False):
+        r = self.self_attn(x, mask, cache, norm=self.input_layernorm)  # the norm in the q/k/v kernel: [B, L, D]
+    else:
+        r = self.self_attn(self.input_layernorm(x), mask, cache)  # [B, L, D]
     norm = self.post_attention_layernorm
     if JOIN_ROUTER and getattr(type(self.mlp), "_moedec_fused_block", False):
         from . import moe_after_add_norm

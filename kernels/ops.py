@@ -7,6 +7,9 @@ signatures in :data:`moedec.kernels.fused.SIGNATURES`).
   an array (the compiled step's, :mod:`moedec.compiled`); :func:`decode_attention_write` also writes
   the new position into the cache (in place), and :func:`decode_attention_qkv` takes the joined q/k/v
   projection's output before RoPE and applies the RoPE itself.
+* :func:`embed`: a quantized embedding's rows (mlx-lm's ``QuantizedEmbedding``) in one kernel
+  instead of three gathers and a dequantize; :func:`patch_embeddings` gives a model's embeddings
+  that call.
 * :func:`copy` and :func:`spin`: for measuring copy bandwidth and GPU time (``examples/bench_kernel.py``).
 """
 
@@ -149,6 +152,50 @@ def _attention(name: str, inputs: list, output_shapes: list, heads: int | None =
         threadgroup=(32 * ATTENTION_WARPS, 1, 1), output_shapes=output_shapes,
         output_dtypes=[first.dtype] * len(output_shapes),
     )
+
+
+# -- quantized embedding ---------------------------------------------------------------------------
+
+
+def why_not_embed(emb, ids: mx.array) -> str | None:
+    """``None`` if :func:`embed` can look ``ids`` up in the ``nn.QuantizedEmbedding`` ``emb``."""
+    if getattr(emb, "mode", "affine") != "affine" or emb.bits not in (4, 8) or "biases" not in emb:
+        return "4- or 8-bit affine quantization with biases"
+    d = emb.weight.shape[-1] * 32 // emb.bits
+    if emb.scales.dtype not in FLOATS or emb.biases.dtype != emb.scales.dtype or d % emb.group_size:
+        return "float scales and biases of one dtype over whole groups"
+    if ids.dtype not in (mx.int32, mx.uint32) or ids.size == 0:
+        return "int32 or uint32 ids"
+    return None
+
+
+def embed(emb, ids: mx.array) -> mx.array:
+    """``emb(ids)`` for an ``nn.QuantizedEmbedding`` (check :func:`why_not_embed` first): ``[.., D]``
+    in the scales' dtype, each row dequantized as ``mx.dequantize`` does."""
+    d = emb.weight.shape[-1] * 32 // emb.bits
+    (out,) = _kernel("embed")(
+        inputs=[ids, emb.weight, emb.scales, emb.biases],
+        template=[("X", emb.scales.dtype), ("D", d), ("GROUP", emb.group_size), ("BITS", emb.bits)],
+        grid=(ids.size * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(*ids.shape, d)], output_dtypes=[emb.scales.dtype],
+    )  # one block per id
+    return out
+
+
+def _embed_call(self, x: mx.array) -> mx.array:
+    """``QuantizedEmbedding.__call__`` through :func:`embed` where it fits."""
+    return embed(self, x) if why_not_embed(self, x) is None else self._moedec_stock_call(x)
+
+
+def patch_embeddings(model, on: bool) -> int:
+    """Give ``model``'s ``QuantizedEmbedding`` layers :func:`embed`'s call (``on``, CUDA only) or
+    mlx-lm's back; returns how many have it."""
+    from .patching import set_call
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedEmbedding)]
+    for m in layers:
+        set_call(m, _embed_call, "_moedec_embed", on)
+    return len(layers) if on else 0
 
 
 def copy(src: mx.array, blocks: int | None = None) -> mx.array:

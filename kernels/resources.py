@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import fused
-from .dense import dense_kernel
+from .dense import dense_kernel, dense_norm_kernel
 from .router import router_template
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
@@ -89,6 +89,10 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
         template, smem = dense_kernel(x_dtype, d, n, group)
         if smem:
             dense["dense"] = (kernel_source("dense_mma", template, {**dtypes, "w": "uint32", "sc": xt, "bi": xt}), smem)
+        template, smem = dense_norm_kernel(x_dtype, d, n, group)
+        if smem:
+            dense["dense_norm"] = (kernel_source("dense_norm_mma", template, {**dtypes, "w": "uint32", "sc": xt, "bi": xt,
+                                                                              "nw": xt, "eps": "float32"}), smem)
     return {
         **dense,
         "gate_up": (kernel_source(ek.gate_up_name, ek.gate_up, dtypes), ek.gate_up_smem),
@@ -99,6 +103,8 @@ def variants(bits: int, d: int, n: int, experts: int, top_k: int, group: int = 6
         "router": (kernel_source("router", router_template(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True), dtypes), 0),
         "router_norm": (kernel_source("router_norm", router_template(x_dtype, bf16, bf16, d, experts, top_k, 1, 1, True),
                                       {**dtypes, "gw": xt}), 0),
+        "embed": (kernel_source("embed", [("X", x_dtype), ("D", d), ("GROUP", group), ("BITS", bits)],
+                                {**dtypes, "ids": "uint32", "w": "uint32", "sc": xt, "bi": xt, "out": xt}), 0),
     }
 
 

@@ -2,6 +2,7 @@
 same outputs as mlx-lm's, no memory added, prefill left alone."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -257,3 +258,64 @@ def test_add_norm_takes_only_a_weight_of_the_activations_dtype():
     assert why_not_add_norm(x, x, mx.ones((64,), mx.float32)) is not None
     assert why_not_add_norm(x, x.astype(mx.float16), mx.ones((64,), mx.bfloat16)) is not None
     assert why_not_add_norm(mx.zeros((1, 1, 60), mx.bfloat16), mx.zeros((1, 1, 60), mx.bfloat16), mx.ones((60,), mx.bfloat16)) is not None
+
+
+def test_joined_attention_takes_the_input_norm():
+    """A decoder layer under kernels.joined hands its input norm to the joined attention (which, on
+    CUDA, computes it in the q/k/v kernel): the same output as the attention of the normed input."""
+    from moedec.kernels import layer
+    from moedec.kernels.layer import decoder_layers
+
+    model = quantized_glm()
+    kernels.patch(model, "auto")
+    try:
+        with kernels.joined(model):
+            lay = decoder_layers(model)[0]
+            x = mx.random.normal((1, 3, model.args.hidden_size), key=mx.random.key(4))
+            got = lay.self_attn(x, None, None, norm=lay.input_layernorm)
+            ref = lay.self_attn(lay.input_layernorm(x), None, None)
+            assert mx.array_equal(got, ref).item()
+            assert layer.JOIN_INPUT_NORM
+    finally:
+        kernels.patch(model, "stock")
+
+
+def _quantized_embedding(bits, dtype, group=64, vocab=300, d=512):
+    emb = nn.QuantizedEmbedding.from_embedding(nn.Embedding(vocab, d), group_size=group, bits=bits)
+    emb.set_dtype(dtype)
+    return emb
+
+
+def test_embedding_kernel_eligibility_and_patch():
+    """The embedding kernel takes 4- or 8-bit affine rows and integer ids; under kernels.joined a
+    CUDA model's quantized embeddings get its call (elsewhere mlx-lm's stays)."""
+    from moedec.kernels.ops import why_not_embed
+
+    emb = _quantized_embedding(4, mx.bfloat16)
+    ids = mx.array([[3, 1, 4]], mx.uint32)
+    assert why_not_embed(emb, ids) is None
+    assert "ids" in why_not_embed(emb, ids.astype(mx.float32))
+    assert "4- or 8-bit" in why_not_embed(_quantized_embedding(2, mx.bfloat16), ids)
+    model = quantized_glm()
+    kernels.patch(model, "auto")
+    try:
+        with kernels.joined(model):
+            patched = [hasattr(type(m), "_moedec_embed") for _, m in model.named_modules()
+                       if isinstance(m, nn.QuantizedEmbedding)]
+            assert patched and (all(patched) if on_gpu else not any(patched))
+        assert not any(hasattr(type(m), "_moedec_embed") for _, m in model.named_modules())
+    finally:
+        kernels.patch(model, "stock")
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX on a GPU with a fused backend (CUDA)")
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,dtype,group", [(4, mx.bfloat16, 64), (8, mx.float16, 32), (4, mx.float32, 128)])
+def test_embedding_kernel_equals_quantized_embedding(bits, dtype, group):
+    from moedec.kernels.ops import embed
+
+    emb = _quantized_embedding(bits, dtype, group)
+    ids = mx.array([[0, 299, 7], [7, 42, 1]], mx.int32)
+    got, ref = embed(emb, ids), nn.QuantizedEmbedding.__call__(emb, ids)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    assert mx.array_equal(got, ref).item()

@@ -7,7 +7,8 @@ import pytest
 
 from moedec import kernels
 from moedec.kernels import dense
-from moedec.kernels.dense import patch_linears, qlinear, quantized_linears, why_not_dense
+from moedec.kernels.dense import (patch_linears, qlinear, qlinear_norm, quantized_linears, why_not_dense,
+                                  why_not_dense_norm)
 from helpers import quantized_glm
 
 on_gpu = kernels.device_backend() == "cuda"
@@ -33,6 +34,26 @@ def test_dense_eligibility_reasons():
     assert "multiple of 16" in why_not_dense(x, *quantized(512, 264), 4, 64)  # 264 rows
     w3, s3, b3 = quantized(384, 64)  # 384 inputs: no whole 256-input slices
     assert "multiple of 256" in why_not_dense(mx.zeros((1, 384), mx.bfloat16), w3, s3, b3, 4, 64)
+
+
+def test_dense_norm_eligibility_reasons():
+    """The joined input norm takes an RMSNorm of the activations' width and dtype and at most
+    NORM_TOKENS tokens, on top of the dense kernel's own conditions."""
+    w, s, b = quantized(512, 272)
+    x = mx.zeros((2, 512), mx.bfloat16)
+    norm = nn.RMSNorm(512)
+    norm.set_dtype(mx.bfloat16)
+    reason = why_not_dense_norm(x, norm, w, s, b, 4, 64)
+    assert reason is None if on_gpu else reason == "needs MLX's CUDA backend"
+    if on_gpu:
+        assert "RMSNorm" in why_not_dense_norm(x, nn.LayerNorm(512), w, s, b, 4, 64)
+        assert "RMSNorm" in why_not_dense_norm(x, nn.RMSNorm(512), w, s, b, 4, 64)  # a float32 weight
+        many = mx.zeros((dense.NORM_TOKENS + 1, 512), mx.bfloat16)
+        assert "tokens" in why_not_dense_norm(many, norm, w, s, b, 4, 64)
+    t, smem = dense.dense_norm_kernel(mx.bfloat16, 4096, 6144, 64)
+    plain = dense.dense_kernel(mx.bfloat16, 4096, 6144, 64)
+    assert t == plain[0] and smem >= dense.NORM_TOKENS * 4096 * 2 + 40960  # the ring, then the normalised tokens
+    assert dense.dense_norm_kernel(mx.bfloat16, 16384, 256, 64)[1] == 0  # 4 x 16384 values do not fit
 
 
 @pytest.mark.parametrize("din,group,split,want", [(4096, 64, 4, 4), (512, 32, 4, 2), (1024, 128, 8, 4), (768, 64, 4, 1)])
@@ -90,3 +111,21 @@ def test_dense_kernel_equals_quantized_matmul(dtype, group, din, nout):
         err = float(mx.abs(got - ref).max()) / float(mx.abs(ref).max())
         assert err < 2e-2, (t, err)
         assert mx.array_equal(got[0], alone[0].astype(mx.float32)).item(), t
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX's CUDA backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,group,din,nout", [(mx.bfloat16, 64, 4096, 6144), (mx.float16, 32, 512, 272)])
+def test_dense_norm_kernel_equals_rms_norm_then_the_dense_kernel(dtype, group, din, nout):
+    """qlinear_norm(x) is qlinear(rms_norm(x)) for 1..NORM_TOKENS tokens: the normalised values round
+    as MLX's (the sum of squares in another order may move one of them by an ulp)."""
+    w, s, b = quantized(din, nout, dtype, group)
+    norm = nn.RMSNorm(din, eps=1e-5)
+    norm.weight = (1 + 0.1 * mx.random.normal((din,), key=mx.random.key(3))).astype(dtype)
+    x = (3 * mx.random.normal((dense.NORM_TOKENS, din), key=mx.random.key(8))).astype(dtype)
+    for t in range(1, dense.NORM_TOKENS + 1):
+        assert why_not_dense_norm(x[:t], norm, w, s, b, 4, group) is None
+        got = qlinear_norm(x[:t], norm, w, s, b, group).astype(mx.float32)
+        ref = qlinear(mx.fast.rms_norm(x[:t], norm.weight, norm.eps), w, s, b, group).astype(mx.float32)
+        err = float(mx.abs(got - ref).max()) / float(mx.abs(ref).max())
+        assert err < 1e-2, (t, err)
