@@ -60,9 +60,19 @@ def why_not_compiled(model: Any, cache: list) -> Optional[str]:
     return None
 
 
+def offset_array(length: int) -> mx.array:
+    """``pos["offset"]`` for ``length`` positions filled (see :class:`StaticKVCache`)."""
+    from moedec.kernels.fused import SMALL
+
+    return mx.full((SMALL,), length, dtype=mx.int32)
+
+
 class StaticKVCache:
     """One layer's cache with mlx-lm's interface: ``keys``/``values`` ``[B, H, C, D]`` of fixed
-    capacity ``C`` and an ``offset`` array shared by every layer (``pos["offset"]``)."""
+    capacity ``C`` and an offset shared by every layer: ``pos["offset"]``, ``SMALL`` int32s whose
+    element 0 is the number of positions filled (the attention kernels read it as it is: a 4-byte
+    array would live in MLX's unified-memory pool of small arrays, which kernels reach across the
+    bus, :data:`moedec.kernels.fused.SMALL`); :attr:`offset` is that element as a scalar."""
 
     def __init__(self, keys: mx.array, values: mx.array, pos: dict, shared: Optional[dict] = None):
         self.state = {"keys": keys, "values": values}
@@ -73,16 +83,13 @@ class StaticKVCache:
 
     @property
     def offset(self) -> mx.array:
-        return self.pos["offset"]
+        """The positions filled, a scalar int32 array (mlx-lm's RoPE and mask take it)."""
+        return self.pos["offset"][0]
 
     @property
     def kernel_offset(self) -> mx.array:
-        """The offset as the attention kernels read it (element 0 of ``SMALL`` int32s, once per step):
-        a 4-byte array lives in MLX's unified-memory pool of small arrays, which kernels may read
-        across the bus (:data:`moedec.kernels.fused.SMALL`)."""
-        from moedec.kernels.fused import SMALL
-
-        return self._per_step("offset", lambda: self.pos["offset"] + mx.zeros((SMALL,), mx.int32))
+        """The offset as the attention kernels read it: element 0 of the ``SMALL`` int32s, no op."""
+        return self.pos["offset"]
 
     def _per_step(self, key: str, make) -> mx.array:
         """``make()``, once per step for every layer (``shared`` is cleared as each step is traced)."""
@@ -97,14 +104,14 @@ class StaticKVCache:
                 return self.state["keys"], self.state["values"]
             self._select(keys, values)
         else:
-            start = self.pos["offset"].reshape(1)
+            start = self.offset.reshape(1)
             self.state["keys"] = mx.slice_update(self.state["keys"], keys, start, axes=(2,))
             self.state["values"] = mx.slice_update(self.state["values"], values, start, axes=(2,))
         return self.state["keys"], self.state["values"]  # all C positions; the mask hides the rest
 
     def _select(self, keys, values) -> None:
         """Write one position with a select over the buffer (no dynamic-offset copy and offset kernels)."""
-        at = self._per_step("at", lambda: (mx.arange(self.state["keys"].shape[2]) == self.pos["offset"])[:, None])  # [C, 1]
+        at = self._per_step("at", lambda: (mx.arange(self.state["keys"].shape[2]) == self.offset)[:, None])  # [C, 1]
         self.state["keys"] = mx.where(at, keys, self.state["keys"])  # [B, H, C, D]
         self.state["values"] = mx.where(at, values, self.state["values"])
 
@@ -133,7 +140,7 @@ class StaticKVCache:
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None:
             raise MoedecError("sliding-window attention cannot use the compiled step")
-        rows = self.pos["offset"] + mx.arange(n)[:, None]  # [N, 1]: each query's position
+        rows = self.offset + mx.arange(n)[:, None]  # [N, 1]: each query's position
         return mx.arange(self.state["keys"].shape[2])[None] <= rows  # [N, C]
 
 
@@ -191,7 +198,7 @@ class _Trace:
     without tracing it again while its inputs keep their shapes and dtypes."""
 
     def __init__(self, model: Any, arrays: list, length: int):
-        pos, shared = {"offset": mx.array(length, dtype=mx.int32)}, {}
+        pos, shared = {"offset": offset_array(length)}, {}
         self.layers = [StaticKVCache(k, v, pos, shared) for k, v in arrays]
         self.pos = pos
         self.traces = 0  # times mx.compile traced the step (once, when all goes well)
@@ -225,7 +232,7 @@ class _Trace:
         """Point the state at another generation's buffers (of this trace's shapes and dtypes)."""
         for c, (k, v) in zip(self.layers, arrays):
             c.state["keys"], c.state["values"], c.pending = k, v, None
-        self.pos["offset"] = mx.array(length, dtype=mx.int32)
+        self.pos["offset"] = offset_array(length)
 
     def unload(self) -> None:
         """Drop the buffers (the engine's cache holds them now): a kept trace holds no cache memory."""

@@ -81,7 +81,7 @@ def test_a_deferred_cache_write_equals_the_select():
     keys = mx.random.normal((1, 2, 8, 4), key=mx.random.key(0))
     values = mx.random.normal((1, 2, 8, 4), key=mx.random.key(1))
     new_keys, new_values = mx.ones((1, 2, 1, 4)), 2 * mx.ones((1, 2, 1, 4))
-    now, later = (compiled.StaticKVCache(keys, values, {"offset": mx.array(3, dtype=mx.int32)}) for _ in range(2))
+    now, later = (compiled.StaticKVCache(keys, values, {"offset": compiled.offset_array(3)}) for _ in range(2))
     now.update_and_fetch(new_keys, new_values)
     later.defer = True
     got = later.update_and_fetch(new_keys, new_values)

@@ -610,9 +610,10 @@ def test_no_small_kernel_input_lands_in_mlxs_host_pool(monkeypatch):
     monkeypatch.setattr(router, "_kernel", recorder)
     bf = mx.bfloat16
     cache = compiled.StaticKVCache(mx.zeros((1, 2, 16, 32), bf), mx.zeros((1, 2, 16, 32), bf),
-                                   {"offset": mx.array(3, dtype=mx.int32)})
+                                   {"offset": compiled.offset_array(3)})
     at = cache.kernel_offset
-    assert at.dtype == mx.int32 and at[0].item() == 3 and cache.kernel_offset is at  # once per step
+    assert at.dtype == mx.int32 and at[0].item() == 3 and at is cache.pos["offset"]  # the state itself, no op
+    assert cache.offset.shape == () and cache.offset.item() == 3
     q, k, one = mx.zeros((1, 4, 1, 32), bf), cache.state["keys"], mx.zeros((1, 2, 1, 32), bf)
     ops.add_rms_norm(mx.zeros((1, 64), bf), mx.zeros((1, 64), bf), mx.ones((64,), bf), 1e-5)
     ops.decode_attention(q, k, k, at, 0.1)
