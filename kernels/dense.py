@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .fused import (MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _scalar,
-                    _stages)
+from .fused import (MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _plan,
+                    _scalar, _stages, refresh)
 from .patching import set_call
 
 DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
@@ -81,17 +82,92 @@ def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     return y
 
 
-@functools.lru_cache(maxsize=64)
 def dense_norm_kernel(x_dtype, din: int, nout: int, group: int) -> tuple[list, int]:
     """(template, dynamic shared memory) of ``DENSE_NORM_MMA``: ``DENSE_MMA``'s ring plus the
     normalised activations of up to :data:`NORM_TOKENS` tokens; 0 bytes: no fit."""
+    return _with_tokens(x_dtype, din, nout, group, NORM_TOKENS)
+
+
+@functools.lru_cache(maxsize=64)
+def _with_tokens(x_dtype, din: int, nout: int, group: int, tokens: int) -> tuple[list, int]:
+    """``dense_kernel``'s template, and its ring plus ``tokens`` rows of ``din`` activations in shared memory."""
     template, smem = dense_kernel(x_dtype, din, nout, group)
     if not smem:
         return [], 0
     t = dict(template)
     ring = t["STAGES"] * WARPS * (8 * t["KS"] + t["KS"] * x_dtype.size)  # as dense_kernel sized it
-    smem = max(ring + NORM_TOKENS * din * x_dtype.size, OPT_IN)
+    smem = max(ring + tokens * din * x_dtype.size, OPT_IN)
     return (template, smem) if smem <= SMEM_BUDGET else ([], 0)
+
+
+# -- rows that are not a whole number of slices ------------------------------------------------------
+
+PAD_TOKENS = 2  # most tokens of the padded kernel (their padded inputs sit in the block's shared memory)
+
+
+def padded_width(din: int) -> int:
+    """``din`` rounded up to whole slices for each of the DENSE_SPLIT warps of a tile (10944 -> 11264:
+    44 slices, 11 per warp; 43 slices would leave one warp per tile)."""
+    step = DENSE_SLICE * DENSE_SPLIT
+    return -(-din // step) * step
+
+
+@attrs.frozen
+class PaddedPlan:
+    """A 4-bit ``QuantizedLinear`` whose rows are not whole slices: a copy of its weights padded with
+    zero words, scales and biases to :func:`padded_width` inputs (``reason``: why not)."""
+
+    reason: Optional[str]
+    weight: Optional[mx.array] = None
+    scales: Optional[mx.array] = None
+    biases: Optional[mx.array] = None
+
+
+def padded_plan(layer) -> PaddedPlan:
+    w, sc, bi = layer.weight, layer.scales, layer.get("biases")
+    if getattr(layer, "mode", "affine") != "affine" or layer.bits != 4 or bi is None or "bias" in layer:
+        return PaddedPlan("only 4-bit affine weights without a bias")
+    din = w.shape[1] * 8
+    if din % DENSE_SLICE == 0 or din % layer.group_size or din % 8 or layer.group_size not in SUPPORTED_GROUPS:
+        return PaddedPlan("rows of whole slices, or not of whole groups")
+    dinp = padded_width(din)
+    w = mx.pad(w, [(0, 0), (0, (dinp - din) // 8)])
+    sc, bi = (mx.pad(a, [(0, 0), (0, (dinp - din) // layer.group_size)]) for a in (sc, bi))
+    mx.eval(w, sc, bi)
+    return PaddedPlan(None, w, sc, bi)
+
+
+def why_not_padded(layer, x: mx.array) -> str | None:
+    """``None`` if :func:`qlinear_padded` can compute ``layer(x)``, else why not."""
+    if not isinstance(layer, nn.QuantizedLinear):
+        return "not a QuantizedLinear"
+    plan = _plan(layer, padded_plan)
+    if plan.reason:
+        return plan.reason
+    if x.dtype not in (mx.bfloat16, mx.float16) or plan.scales.dtype != x.dtype:
+        return "bfloat16 or float16 activations and scales of one dtype"
+    if x.shape[-1] != layer.weight.shape[1] * 8 or x.size // x.shape[-1] > PAD_TOKENS:
+        return f"1 to {PAD_TOKENS} tokens as wide as the rows"
+    if not _with_tokens(x.dtype, plan.weight.shape[1] * 8, plan.weight.shape[0], layer.group_size, PAD_TOKENS)[1]:
+        return "the padded activations do not fit the block's shared memory"
+    from . import device_backend
+
+    return None if device_backend() == "cuda" else "needs MLX's CUDA backend"
+
+
+def qlinear_padded(layer, x: mx.array) -> mx.array:
+    """``layer(x)`` for a 4-bit ``QuantizedLinear`` whose rows are not whole slices, on the dense kernel
+    over its padded copy (check :func:`why_not_padded` first)."""
+    plan = _plan(layer, padded_plan)
+    dinp, nout = plan.weight.shape[1] * 8, plan.weight.shape[0]
+    template, smem = _with_tokens(x.dtype, dinp, nout, layer.group_size, PAD_TOKENS)
+    tiles = WARPS // dict(template)["SPLIT"]
+    (y,) = _kernel("dense_pad_mma", smem)(
+        inputs=[x, plan.weight, plan.scales, plan.biases], template=template + [("DX", x.shape[-1])],
+        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(*x.shape[:-1], nout)], output_dtypes=[x.dtype],
+    )
+    return y
 
 
 def why_not_dense_norm(x: mx.array, norm, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
@@ -137,7 +213,10 @@ def quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Op
 
 
 def _linear_call(self, x: mx.array) -> mx.array:
-    """``QuantizedLinear.__call__`` through :func:`quantized_matmul`."""
+    """``QuantizedLinear.__call__`` through :func:`quantized_matmul`, or :func:`qlinear_padded` for
+    rows that are not whole slices."""
+    if self.weight.shape[1] * 8 % DENSE_SLICE and why_not_padded(self, x) is None:
+        return qlinear_padded(self, x)
     y = quantized_matmul(x, self.weight, self.scales, self.get("biases"), self.group_size, self.bits,
                          getattr(self, "mode", "affine"))
     return y + self["bias"] if "bias" in self else y
@@ -153,4 +232,7 @@ def patch_linears(model, on: bool) -> int:
     layers = quantized_linears(model)
     for m in layers:
         set_call(m, _linear_call, "_moedec_dense", on)
+        if on:  # a padded copy is made now (once per weights), not in the first call's trace
+            refresh(m)
+            _plan(m, padded_plan)
     return len(layers) if on else 0

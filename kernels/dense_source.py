@@ -130,5 +130,22 @@ _NORM = r"""
   const X* xs = xn;
 """
 
+# Rows of DX inputs where DX is not a whole number of slices (GLM-4.5's dense MLP: 10944): the weights
+# are a copy padded with zero words, scales and biases to DIN inputs (dense.padded_plan), and each block
+# copies the T <= NT tokens' inputs into shared memory after its ring with zeros past DX (a zero weight
+# times a zero input adds exactly nothing). Inputs as DENSE_MMA; x [T, DX].
+_PAD = r"""
+  X* xp = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN]
+  for (int i = threadIdx.x; i < T * (DIN / 8); i += moedec::THREADS) {
+    const int t = i / (DIN / 8), k = i % (DIN / 8) * 8;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (k < DX) v = *reinterpret_cast<const uint4*>(x + (size_t)t * DX + k);
+    *reinterpret_cast<uint4*>(xp + (size_t)t * DIN + k) = v;
+  }
+  __syncthreads();
+  const X* xs = xp;
+"""
+
 DENSE_MMA = _HEAD + "  const X* xs = x;\n" + _TAIL
+DENSE_PAD_MMA = _HEAD + _PAD + _TAIL
 DENSE_NORM_MMA = _HEAD + _NORM + _TAIL

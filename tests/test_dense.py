@@ -129,3 +129,49 @@ def test_dense_norm_kernel_equals_rms_norm_then_the_dense_kernel(dtype, group, d
         ref = qlinear(mx.fast.rms_norm(x[:t], norm.weight, norm.eps), w, s, b, group).astype(mx.float32)
         err = float(mx.abs(got - ref).max()) / float(mx.abs(ref).max())
         assert err < 1e-2, (t, err)
+
+
+def _linear(din, nout, dtype=mx.bfloat16, group=64):
+    lin = nn.QuantizedLinear(din, nout, bias=False, group_size=group, bits=4)
+    lin.set_dtype(dtype)
+    return lin
+
+
+def test_padded_plan_pads_whole_slices_with_zero_weights():
+    """Rows that are not whole slices (GLM-4.5's dense MLP: 10944 inputs) get a copy padded with zero
+    words, scales and biases to whole slices for each warp of a tile: the padded inputs add nothing."""
+    assert dense.padded_width(10944) == 11264 and dense.padded_width(1344) == 2048
+    lin = _linear(1344, 32)
+    plan = dense.padded_plan(lin)
+    assert plan.reason is None and plan.weight.shape == (32, 2048 // 8) and plan.scales.shape == (32, 2048 // 64)
+    w = mx.dequantize(plan.weight, plan.scales, plan.biases, group_size=64, bits=4)  # [32, 2048]
+    ref = mx.dequantize(lin.weight, lin.scales, lin.biases, group_size=64, bits=4)
+    assert mx.array_equal(w[:, :1344], ref).item() and not mx.any(w[:, 1344:]).item()
+    assert "whole slices" in dense.padded_plan(_linear(1024, 32)).reason
+    x = mx.zeros((1, 1344), mx.bfloat16)
+    assert "dtype" in dense.why_not_padded(_linear(1344, 32, mx.float32), x)
+    reason = dense.why_not_padded(lin, x)
+    assert reason is None if on_gpu else reason == "needs MLX's CUDA backend"
+    assert "tokens" in dense.why_not_padded(lin, mx.zeros((dense.PAD_TOKENS + 1, 1344), mx.bfloat16))
+
+
+@pytest.mark.skipif(not on_gpu, reason="needs MLX's CUDA backend")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,group,din,nout", [(mx.bfloat16, 64, 10944, 4096), (mx.float16, 32, 1344, 272)])
+def test_padded_dense_kernel_equals_quantized_matmul(dtype, group, din, nout):
+    """The padded kernel's rows are MLX's quantized matmul within float32-sum noise, and a patched
+    layer takes it for 1 and 2 tokens."""
+    lin = _linear(din, nout, dtype, group)
+    x = mx.random.normal((dense.PAD_TOKENS, din), key=mx.random.key(5)).astype(dtype)
+    for t in range(1, dense.PAD_TOKENS + 1):
+        assert dense.why_not_padded(lin, x[:t]) is None
+        got = dense.qlinear_padded(lin, x[:t]).astype(mx.float32)
+        ref = nn.QuantizedLinear.__call__(lin, x[:t]).astype(mx.float32)
+        err = float(mx.abs(got - ref).max()) / float(mx.abs(ref).max())
+        assert err < 2e-2, (t, err)
+    patch_linears_model = nn.Sequential(lin)
+    patch_linears(patch_linears_model, True)
+    try:
+        assert mx.allclose(lin(x[:1]).astype(mx.float32), dense.qlinear_padded(lin, x[:1]).astype(mx.float32)).item()
+    finally:
+        patch_linears(patch_linears_model, False)
