@@ -73,13 +73,7 @@ def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, g
     shape (of as many values) as the kernel's own output, with no reshape after it."""
     din, nout = x.shape[-1], weight.shape[0]
     template, smem = dense_kernel(x.dtype, din, nout, group_size, split)
-    tiles = WARPS // dict(template)["SPLIT"]
-    (y,) = _kernel("dense_mma", smem)(
-        inputs=[x, weight, scales, biases], template=template,
-        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[shape or (*x.shape[:-1], nout)], output_dtypes=[x.dtype],
-    )
-    return y
+    return _launch("dense_mma", smem, template, [x, weight, scales, biases], shape or (*x.shape[:-1], nout))
 
 
 def dense_norm_kernel(x_dtype, din: int, nout: int, group: int) -> tuple[list, int]:
@@ -161,13 +155,8 @@ def qlinear_padded(layer, x: mx.array) -> mx.array:
     plan = _plan(layer, padded_plan)
     dinp, nout = plan.weight.shape[1] * 8, plan.weight.shape[0]
     template, smem = _with_tokens(x.dtype, dinp, nout, layer.group_size, PAD_TOKENS)
-    tiles = WARPS // dict(template)["SPLIT"]
-    (y,) = _kernel("dense_pad_mma", smem)(
-        inputs=[x, plan.weight, plan.scales, plan.biases], template=template + [("DX", x.shape[-1])],
-        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(*x.shape[:-1], nout)], output_dtypes=[x.dtype],
-    )
-    return y
+    return _launch("dense_pad_mma", smem, template + [("DX", x.shape[-1])], [x, plan.weight, plan.scales, plan.biases],
+                   (*x.shape[:-1], nout))
 
 
 def why_not_dense_norm(x: mx.array, norm, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
@@ -192,11 +181,17 @@ def qlinear_norm(x: mx.array, norm, weight: mx.array, scales: mx.array, biases: 
     first), the norm computed in the same kernel and rounded as ``mx.fast.rms_norm`` rounds it."""
     din, nout = x.shape[-1], weight.shape[0]
     template, smem = dense_norm_kernel(x.dtype, din, nout, group_size)
-    tiles = WARPS // dict(template)["SPLIT"]
-    (y,) = _kernel("dense_norm_mma", smem)(
-        inputs=[x, weight, scales, biases, norm.weight, _scalar(norm.eps)], template=template,
-        grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
-        output_shapes=[shape or (*x.shape[:-1], nout)], output_dtypes=[x.dtype],
+    return _launch("dense_norm_mma", smem, template, [x, weight, scales, biases, norm.weight, _scalar(norm.eps)],
+                   shape or (*x.shape[:-1], nout))
+
+
+def _launch(name: str, smem: int, template: list, inputs: list, shape: tuple) -> mx.array:
+    """One dense kernel over ``inputs[1]``'s rows (its template's SPLIT warps per 16-row tile), its
+    output ``shape`` in the activations' dtype."""
+    tiles, nout = WARPS // dict(template)["SPLIT"], inputs[1].shape[0]
+    (y,) = _kernel(name, smem)(
+        inputs=inputs, template=template, grid=(-(-nout // (16 * tiles)) * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1), output_shapes=[shape], output_dtypes=[inputs[0].dtype],
     )
     return y
 
