@@ -67,6 +67,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 """
 
+RMS = r"""
+// 1 / sqrt(mean of squares + eps) over a block's d values, from each thread's sum of squares ss; every
+// thread of the block calls it and gets the factor. s_tmp: WARPS floats, free to reuse after the next barrier.
+__device__ __forceinline__ float block_rsqrt_mean(float ss, float* s_tmp, int d, float eps) {
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) s_tmp[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  float tot = 0.f;
+#pragma unroll
+  for (int w_ = 0; w_ < WARPS; ++w_) tot += s_tmp[w_];
+  return rsqrtf(tot / d + eps);
+}
+"""
+
 ASYNC = r"""
 // Asynchronous global -> shared copies (sm_80+): a warp streams its items' weights through a ring of
 // shared-memory stages, so loads stay in flight without holding registers.
@@ -210,7 +224,7 @@ def header(*parts: str) -> str:
 ADD_NORM = r"""
   constexpr int CH = (D / 8 + moedec::THREADS - 1) / moedec::THREADS;  // chunks of 8 per thread
   __shared__ float s_part[moedec::WARPS];
-  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int t = blockIdx.x;
   float hv[CH][8], ss = 0.f;
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
@@ -228,13 +242,7 @@ ADD_NORM = r"""
       }
     }
   }
-  ss = moedec::warp_sum(ss);
-  if (lane == 0) s_part[warp] = ss;
-  __syncthreads();
-  float tot = 0.f;
-#pragma unroll
-  for (int w_ = 0; w_ < moedec::WARPS; ++w_) tot += s_part[w_];
-  const float norm = rsqrtf(tot / D + eps[0]);
+  const float norm = moedec::block_rsqrt_mean(ss, s_part, D, eps[0]);
 #pragma unroll
   for (int c = 0; c < CH; ++c) {
     const int i = (c * moedec::THREADS + threadIdx.x) * 8;

@@ -106,13 +106,7 @@ _NORM = r"""
         for (int j = 0; j < 8; ++j) ss += xv[ch][j] * xv[ch][j];
       }
     }
-    ss = moedec::warp_sum(ss);
-    if (lane == 0) s_ss[warp] = ss;
-    __syncthreads();
-    float tot = 0.f;
-#pragma unroll
-    for (int w_ = 0; w_ < moedec::WARPS; ++w_) tot += s_ss[w_];
-    const float r = rsqrtf(tot / DIN + eps[0]);
+    const float r = moedec::block_rsqrt_mean(ss, s_ss, DIN, eps[0]);
 #pragma unroll
     for (int ch = 0; ch < CH; ++ch) {
       const int i = (ch * moedec::THREADS + threadIdx.x) * 8;

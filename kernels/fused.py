@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
 from .attention_source import ATTENTION_QKV, ATTENTION_READ, ATTENTION_WRITE, ROPE
-from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, EMBED, MAD, SLOTS, SPIN, header
+from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, EMBED, MAD, RMS, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA, DENSE_NORM_MMA, DENSE_PAD_MMA
 from .router_source import ROUTER, ROUTER_NORM, SELECT
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
@@ -67,12 +67,12 @@ SIGNATURES = {
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "down_mma": (*_DOWN_IO, DOWN_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),
     "dense_mma": (["x", "w", "sc", "bi"], ["y"], DENSE_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
-    "dense_norm_mma": (["x", "w", "sc", "bi", "nw", "eps"], ["y"], DENSE_NORM_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
+    "dense_norm_mma": (["x", "w", "sc", "bi", "nw", "eps"], ["y"], DENSE_NORM_MMA, header(BASE, RMS, ASYNC, TENSOR_CORE_CODE)),
     "dense_pad_mma": (["x", "w", "sc", "bi"], ["y"], DENSE_PAD_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE)),
     "attention": (["q", "k", "v", "offset", "scale"], ["o"], ATTENTION_READ, header(BASE)),
     "attention_write": (["q", "k", "v", "kn", "vn", "offset", "scale"], ["o"], ATTENTION_WRITE, header(BASE)),
     "attention_qkv": (["qkv", "k", "v", "offset", "scale", "rope"], ["o"], ATTENTION_QKV, header(BASE, ROPE)),
-    "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE)),
+    "add_norm": (["x", "r", "w", "eps"], ["h", "n"], ADD_NORM, header(BASE, RMS)),
     "embed": (["ids", "w", "sc", "bi"], ["out"], EMBED, header(BASE, MAD)),
     "copy": (["src"], ["dst"], COPY, ""),
     "spin": (["ns"], ["out"], SPIN, ""),
