@@ -59,7 +59,7 @@ _TAIL = r"""
       queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
       moedec::cp_wait<STAGES - 1>();
       __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
-      moedec::item_slice<KS, GROUP, true, 0, X, S>(ring[k % STAGES], part * SP + k, T, xr, sx, acc);
+      moedec::item_slice<KS, GROUP, true, false, X, S>(ring[k % STAGES], part * SP + k, T, xr, sx, acc);
       __syncwarp();
     }
     // rows g, g + 8 of the tile; columns (tokens) 2c, 2c + 1

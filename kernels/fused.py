@@ -39,12 +39,9 @@ ROWS = 16  # output rows per block of the down kernels (their shared memory hold
 # The tensor-core kernels (4-bit experts, 16-bit activations): inputs per ring stage (512 or 256) and
 # ring depth per warp; measured on an H200 (docs/benchmarks.md).
 TENSOR_CORES = True  # else every expert layer runs on the CUDA-core kernels
-# The gate/up ring by the forward's token count, (from this many tokens, slice, stages, x copied): from 4
-# tokens on, narrower slices in a deeper ring measured 1.06-1.25x faster (H200, T = 4..16) and 2-6 % slower
-# at T = 1, 2. Up to 2 tokens, the kernel reads x from a copy in shared memory in the order that unpacks
-# the weights with fewer instructions (XS; where it fits: two blocks per SM leave room for 2 tokens of
-# 4096 inputs next to the 512-input ring, so 3 tokens take the other ring).
-GATE_UP_RING = ((1, 512, 2, 2), (3, 256, 3, 0))
+# The gate/up ring by the forward's token count, (from this many tokens, slice, stages): from 4 tokens on,
+# narrower slices in a deeper ring measured 1.06-1.25x faster (H200, T = 4..16) and 2-6 % slower at T = 1, 2.
+GATE_UP_RING = ((1, 512, 2), (4, 256, 3))
 DOWN_SLICE, DOWN_STAGES = 256, 2
 GATE_UP_BLOCKS = 264  # blocks of the gate/up kernels (two per SM of an H100/H200); warps stride over the items
 # The CUDA-core kernels (8-bit experts or float32 activations).
@@ -53,7 +50,6 @@ RT_DOWN = 4  # down rows per warp item (they share each activation load)
 TB = 2  # tokens per pass over an item's rows
 STAGES = 3  # ring depth (fewer when the rows are wide)
 SMEM_BUDGET = 160 * 1024  # dynamic shared memory per block for the rings (static: <= 48 KB)
-STAGED_BUDGET = 100 * 1024  # rings plus a copy of x: two gate/up blocks (and their ~12 KB of tables) per SM
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 FLOATS = (mx.bfloat16, mx.float16, mx.float32)
@@ -260,11 +256,8 @@ def _expert_kernels(x_dtype, scales_dtype, bits: int, d: int, n: int, group: int
     gks, dks = _mma_slice(d, gate_up_ring[0], group, sb), _mma_slice(n, DOWN_SLICE, group, sb)
     if TENSOR_CORES and bits == 4 and x_dtype in (mx.bfloat16, mx.float16) and gks and dks and d % ROWS == 0:
         (gs, gb), (ds, db) = _stages(8 * gks + gks * sb, gate_up_ring[1]), _stages(8 * dks + dks * sb, DOWN_STAGES)
-        rings = WARPS * gs * (8 * gks + gks * sb)
-        xs = gate_up_ring[2] if gb and rings + gate_up_ring[2] * d * x_dtype.size <= STAGED_BUDGET else 0
-        gb = gb and max(rings + xs * d * x_dtype.size, OPT_IN)
         return ExpertKernels(
-            "gate_up_mma", base + [("DIN", d), ("NOUT", n), ("GROUP", group), ("KS", gks), ("STAGES", gs), ("XS", xs)], gb,
+            "gate_up_mma", base + [("DIN", d), ("NOUT", n), ("GROUP", group), ("KS", gks), ("STAGES", gs)], gb,
             "down_mma", base + [("DIN", n), ("NOUT", d), ("GROUP", group), ("KS", dks), ("STAGES", ds), ("ROWS", ROWS)],
             db,
         )

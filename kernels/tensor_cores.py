@@ -105,10 +105,9 @@ __device__ __forceinline__ void queue_slice(MStage<KS, S>& st, const uint32_t* w
 // Per group the MMA sums (two chains: even and odd k16 steps) are folded in with the scales and
 // sum x, which comes from sx[nt][h][group] (TABLE: rows of a sum-x table for columns 2c + h) or from
 // an MMA with all-OFFSET weights. Straight-line code: NT and GROUP are constants. COLS 1: only the
-// even column 2c of each lane is folded in (a slot of one token). PERM 0: pairs4 on inputs in their
-// order; 1: nibbles4 on inputs stored in perm8 order; 2: nibbles4, the inputs put in perm8 order here
-// (the same products in the same MMA positions as 1: the same bits).
-template <int KS, int GROUP, int NT, int COLS, bool TABLE, int PERM, typename X, typename S>
+// even column 2c of each lane is folded in (a slot of one token). PERM: nibbles4 on inputs stored in
+// perm8 order (the down kernels' act), else pairs4 on inputs in their order.
+template <int KS, int GROUP, int NT, int COLS, bool TABLE, bool PERM, typename X, typename S>
 __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const X* const (&xr)[2],
                                           const float* const (&sx)[2][2], float (&acc)[2][4]) {
   using M = Mma<X>;
@@ -140,14 +139,7 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        uint4 xv = *reinterpret_cast<const uint4*>(xr[nt] + sl * KS + k + 8 * c);
-        if (PERM == 2) {  // (x0 x1) (x2 x3) (x4 x5) (x6 x7) -> (x0 x4) (x1 x5) (x2 x6) (x3 x7)
-          const uint4 v = xv;
-          xv.x = __byte_perm(v.x, v.z, 0x5410);
-          xv.y = __byte_perm(v.x, v.z, 0x7632);
-          xv.z = __byte_perm(v.y, v.w, 0x5410);
-          xv.w = __byte_perm(v.y, v.w, 0x7632);
-        }
+        const uint4 xv = *reinterpret_cast<const uint4*>(xr[nt] + sl * KS + k + 8 * c);
         M::run(d[nt][0], pa[0], pb[0], pa[1], pb[1], xv.x, xv.y);
         M::run(d[nt][1], pa[2], pb[2], pa[3], pb[3], xv.z, xv.w);
         if (!TABLE) {
@@ -179,7 +171,7 @@ __device__ __forceinline__ void slice_mma(const MStage<KS, S>& st, int sl, const
 
 // One slice of a warp item for its cnt tokens (one n-tile up to 8, two up to 16; one column for one
 // token), added into acc.
-template <int KS, int GROUP, bool TABLE, int PERM, typename X, typename S>
+template <int KS, int GROUP, bool TABLE, bool PERM, typename X, typename S>
 __device__ __forceinline__ void item_slice(const MStage<KS, S>& st, int sl, int cnt, const X* const (&xr)[2],
                                            const float* const (&sx)[2][2], float (&acc)[2][4]) {
   if (cnt > 8)
@@ -192,10 +184,9 @@ __device__ __forceinline__ void item_slice(const MStage<KS, S>& st, int sl, int 
 
 // The sum-x table of T rows of GROUPS * GROUP inputs (row-major): out[t * GROUPS + g] = the sum of row
 // t's inputs in group g. 8 inputs per thread, then a sum over the GROUP / 8 lanes of a group: the same
-// order whatever T is. All threads of the block take part (the caller adds the barrier). With stage,
-// the inputs are also copied there in perm8 order.
+// order whatever T is. All threads of the block take part (the caller adds the barrier).
 template <int GROUP, int GROUPS, typename X>
-__device__ __forceinline__ void sum_x_table(const X* x, int T, float* out, X* stage = nullptr) {
+__device__ __forceinline__ void sum_x_table(const X* x, int T, float* out) {
   constexpr int PARTS = GROUP / 8;
   static_assert(PARTS <= 32 && THREADS % PARTS == 0, "a group's parts within one warp");
   for (int i0 = 0; i0 < T * GROUPS * PARTS; i0 += THREADS) {
@@ -203,16 +194,9 @@ __device__ __forceinline__ void sum_x_table(const X* x, int T, float* out, X* st
     float v = 0.f;
     if (i < T * GROUPS * PARTS) {
       float f[8];
-      const size_t at = (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8;
-      load8(x + at, f);
+      load8(x + (size_t)(i / PARTS) * GROUP + (i % PARTS) * 8, f);
 #pragma unroll
       for (int q = 0; q < 8; ++q) v += f[q];
-      if (stage) {
-        X o[8];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) o[perm8(q)] = (X)f[q];
-        *reinterpret_cast<uint4*>(stage + at) = *reinterpret_cast<const uint4*>(o);
-      }
     }
 #pragma unroll
     for (int o = 1; o < PARTS; o <<= 1) v += __shfl_xor_sync(FULL, v, o);
@@ -227,13 +211,10 @@ __device__ __forceinline__ void sum_x_table(const X* x, int T, float* out, X* st
 # A warp streams its items' slices (KS inputs of the 16 rows) through its ring of STAGES stages.
 GATE_UP_MMA = r"""
   __shared__ moedec::Slots s;
-  __shared__ float s_sx[(XS ? XS : 16) * (DIN / 32)];  // [token][group]: sum of the token's inputs over the group
+  __shared__ float s_sx[16 * (DIN / 32)];  // [token][group]: sum of the token's inputs over the group
   extern __shared__ __align__(16) unsigned char ring_bytes[];
   constexpr int SLICES = DIN / KS, WORDS = DIN / 8;
   using St = moedec::MStage<KS, S>;
-  // XS > 0 (forwards of at most XS tokens): x is read from a copy in shared memory after the rings, in
-  // perm8 order (the cheaper unpacking); act is always written in perm8 order, as the down kernel reads it
-  X* s_x = reinterpret_cast<X*>(ring_bytes + (size_t)moedec::WARPS * STAGES * sizeof(St));
   constexpr int GROUPS = DIN / GROUP;
   int T = 1;
   for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
@@ -271,7 +252,7 @@ GATE_UP_MMA = r"""
   if (early == -1)
 #pragma unroll
     for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
-  moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx, XS ? s_x : nullptr);
+  moedec::sum_x_table<GROUP, GROUPS>(x, T, s_sx);
   __syncthreads();
 
   for (int it = first, k = 0; it < items; it += stride) {
@@ -284,7 +265,7 @@ GATE_UP_MMA = r"""
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int t = token(nt * 8 + g);
-      xr[nt] = (XS ? s_x : x) + (size_t)(t < 0 ? token(0) : t) * DIN;
+      xr[nt] = x + (size_t)(t < 0 ? token(0) : t) * DIN;
     }
     const float* sx[2][2];  // sum-x table rows of this lane's columns 2c, 2c + 1
 #pragma unroll
@@ -296,7 +277,7 @@ GATE_UP_MMA = r"""
       queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
       moedec::cp_wait<STAGES - 1>();
       __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
-      moedec::item_slice<KS, GROUP, true, XS ? 1 : 2, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);
+      moedec::item_slice<KS, GROUP, true, false, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);
       __syncwarp();  // every lane is done with this stage before it is queued again
     }
     // rows g: gate n0 + g, g + 8: up n0 + g; columns 2c, 2c + 1
@@ -308,6 +289,7 @@ GATE_UP_MMA = r"""
         if (j < cnt) {
           const int pair = shared ? P + j : list[j];
           const float gv = acc[nt][h], uv = acc[nt][2 + h];
+          // act in perm8 order: the down kernel unpacks its weights with fewer instructions for it
           act[(size_t)pair * NOUT + n0 + moedec::perm8(g)] = (X)(__fdividef(gv, 1.f + __expf(-gv)) * uv);
         }
       }
@@ -380,7 +362,7 @@ DOWN_MMA = r"""
       queue(k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
       moedec::cp_wait<STAGES - 1>();
       __syncwarp();  // the stage holds every lane's copies: ldmatrix reads across lanes
-      moedec::item_slice<KS, GROUP, false, 1, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);  // act in perm8 order
+      moedec::item_slice<KS, GROUP, false, true, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);  // act in perm8 order
       __syncwarp();
     }
     // rows r0 + g, r0 + g + 8 of the block; columns 2c, 2c + 1

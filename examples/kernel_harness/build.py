@@ -45,8 +45,8 @@ SPLITS = (2, 4, 8)
 # half tile (8 rows) read as one contiguous run instead of 8 row pieces (the same bytes of the same
 # items, in another order: does the order of the row pieces cost DRAM efficiency?).
 # Substitutions in (GATE_UP_MMA, DOWN_MMA, TENSOR_CORES).
-_NO_ARITHMETIC = ([("moedec::item_slice<KS, GROUP, true, XS ? 1 : 2, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
-                  [("moedec::item_slice<KS, GROUP, false, 1, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")])
+_NO_ARITHMETIC = ([("moedec::item_slice<KS, GROUP, true, false, X, S>(ring[k % STAGES], sl, cnt, xr, sx, acc);", "acc[0][0] += 1.f;")],
+                  [("moedec::item_slice<KS, GROUP, false, true, X, S>(ring[k % STAGES], sl, cnt, xr, none, acc);", "acc[0][0] += 1.f;")])
 PROBES = {
     "empty": ([("int items = early != -1 ? first + 1 : 0;", "int items = 0;"), ("items = (s.n + meta[0]) * tiles;", "items = 0;")],
               [("int items = early != -1 ? warp + 1 : 0;", "int items = 0;"),
