@@ -11,7 +11,8 @@
    call, the encoding, the rest, and pipelined steps per token;
 4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
    with ``--kernel stock``, ``--kernel fused`` (both ``--no-compile-step``), and fused with the
-   compiled step (moedec's default on CUDA), interleaved rounds, plus how long the greedy
+   compiled step (moedec's default on CUDA), interleaved rounds (medians, and the default's ratio to
+   mlx-lm round by round), plus how long the greedy
    outputs agree, and for one single-token forward the top-2 logit margin against the largest
    stock/fused logit difference (a random bf16 model has near-ties).
 
@@ -270,6 +271,7 @@ def e2e_bench(model, tokens: int, rounds: int) -> dict:
     med["fused_vs_mlx_lm"] = med["moedec_fused"] / med["mlx_lm"]
     med["fused_compiled_vs_mlx_lm"] = med["moedec_fused_compiled"] / med["mlx_lm"]
     med["stock_vs_mlx_lm"] = med["moedec_stock"] / med["mlx_lm"]
+    med["fused_compiled_vs_mlx_lm_by_round"] = paired_ratios(res["moedec_fused_compiled"], res["mlx_lm"])
     med["compiled_equal_prefix"] = agreeing_prefix(outs["fused"], outs["compiled"])
     med["greedy_equal_prefix"] = agreeing_prefix(outs["stock"], outs["fused"])
     logits = {}
@@ -281,6 +283,14 @@ def e2e_bench(model, tokens: int, rounds: int) -> dict:
     med["one_token_margin"] = float(top2[1] - top2[0])
     med["one_token_max_logit_diff"] = float(mx.abs(logits["stock"] - logits["fused"]).max())
     return med
+
+
+def paired_ratios(ours: list, theirs: list) -> dict:
+    """Each round's ratio ``ours / theirs`` (both measured in that round, so a host that slows down
+    between rounds slows both) and their median, min and max: steadier than the ratio of the two
+    medians when the host's load drifts over the run."""
+    per = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return {"per_round": per, "median": statistics.median(per), "min": min(per), "max": max(per)}
 
 
 def main() -> None:
@@ -314,7 +324,10 @@ def main() -> None:
     if not args.skip_e2e:
         print("end to end (decode tok/s, median of rounds):")
         out["e2e"] = e2e_bench(model, args.tokens, args.rounds)
-        print(json.dumps({k: v for k, v in out["e2e"].items() if k != "rounds"}, indent=1))
+        print(json.dumps({k: v for k, v in out["e2e"].items() if k not in ("rounds", "fused_compiled_vs_mlx_lm_by_round")}, indent=1))
+        by = out["e2e"]["fused_compiled_vs_mlx_lm_by_round"]
+        print(f"fused + compiled step vs mlx-lm, round by round: {', '.join(f'{r:.2f}x' for r in by['per_round'])} "
+              f"(median {by['median']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

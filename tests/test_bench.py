@@ -267,3 +267,19 @@ def test_cli_batch_sizes(prompts_file):
     data = json.loads(r.stdout[r.stdout.index("{"):])
     assert data["schema"] == "moedec.bench-batch/1"
     assert [row["batch_size"] for row in data["rows"]] == [1, 2] and data["rows"][0]["ratio_vs_b1"] == pytest.approx(1.0)
+
+
+def test_bench_kernel_ratios_pair_each_round():
+    """examples/bench_kernel.py's round-by-round ratio divides the two figures of one round."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bench_kernel.py"
+    spec = importlib.util.spec_from_file_location("bench_kernel", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    got = bench.paired_ratios([900.0, 600.0, 1000.0], [300.0, 400.0, 250.0])
+    assert got["per_round"] == [3.0, 1.5, 4.0]
+    assert (got["median"], got["min"], got["max"]) == (3.0, 1.5, 4.0)
+    with pytest.raises(ValueError):
+        bench.paired_ratios([1.0], [1.0, 2.0])
