@@ -40,6 +40,8 @@ constexpr unsigned FULL = 0xffffffffu;
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+// An RMSNorm output as MLX's rms_norm rounds it: weight w times X(v * r) (r = 1 / rms), in X.
+template <typename X> __device__ __forceinline__ X rms_out(float w, float v, float r) { return (X)(w * to_f((X)(v * r))); }
 
 // 8 consecutive values as floats (16-byte aligned; 32-byte for float).
 __device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
@@ -250,7 +252,7 @@ ADD_NORM = r"""
       float g[8];
       moedec::load8(w + i, g);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) n[(size_t)t * D + i + j] = (X)(g[j] * moedec::to_f((X)(hv[c][j] * norm)));
+      for (int j = 0; j < 8; ++j) n[(size_t)t * D + i + j] = moedec::rms_out<X>(g[j], hv[c][j], norm);
     }
   }
 """

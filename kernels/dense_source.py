@@ -115,7 +115,7 @@ _NORM = r"""
         moedec::load8(nw + i, gw);
         alignas(16) X o[8];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) o[j] = (X)(gw[j] * moedec::to_f((X)(xv[ch][j] * r)));
+        for (int j = 0; j < 8; ++j) o[j] = moedec::rms_out<X>(gw[j], xv[ch][j], r);
         *reinterpret_cast<uint4*>(xn + (size_t)t * DIN + i) = *reinterpret_cast<const uint4*>(o);
       }
     }

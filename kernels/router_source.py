@@ -211,7 +211,7 @@ ROUTER_NORM = _OPEN + r"""
     for (int j = 0; j < 8; ++j) {
       const X o = (X)(a[j] + b[j]);
       h[(size_t)t * DIN + i + j] = o;
-      n[(size_t)t * DIN + i + j] = (X)(g[j] * moedec::to_f((X)(moedec::to_f(o) * s_rms[t])));
+      n[(size_t)t * DIN + i + j] = moedec::rms_out<X>(g[j], moedec::to_f(o), s_rms[t]);
     }
   }
   auto row = [&](int t, int c, float* v) {  // n's values, as written above
@@ -220,6 +220,6 @@ ROUTER_NORM = _OPEN + r"""
     moedec::load8(r + (size_t)t * DIN + c * 8, b);
     moedec::load8(gw + c * 8, g);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = moedec::to_f((X)(g[j] * moedec::to_f((X)(moedec::to_f((X)(a[j] + b[j])) * s_rms[t]))));
+    for (int j = 0; j < 8; ++j) v[j] = moedec::to_f(moedec::rms_out<X>(g[j], moedec::to_f((X)(a[j] + b[j])), s_rms[t]));
   };
 """ + _CLOSE
