@@ -18,7 +18,7 @@ fixed-capacity cache); their Python side is :mod:`.ops`.
 # kernel instead of two cache-wide selects per layer, and no copy of the cache per step.
 # ATTENTION_QKV (WRITE, and the inputs from one row): the query, key and value heads come as the joined
 # projection's output qkv [B, 1, H + 2 HKV, D] (query heads, then key heads, then value heads), before
-# RoPE; the kernel rotates the query and the new key (moedec::rope_part; template R rotated dims, TRAD,
+# RoPE; the kernel rotates the query and the new key (moedec::rope_qk; template R rotated dims, TRAD,
 # input rope [SMALL]: log2 of the base, position scale), so the RoPE kernel and the copies that split the
 # heads go. Output o [B, 1, H * D].
 ATTENTION = r"""
@@ -109,9 +109,8 @@ ATTENTION_WRITE = "  constexpr bool WRITE = true;\n" + ATTENTION.replace("  // I
 """)
 ATTENTION_QKV = "  constexpr bool WRITE = true;\n" + ATTENTION.replace("  // INPUTS\n", f"""\
   const X* row = qkv + (size_t)b * (H + 2 * HKV) * D;  // [H + 2 HKV, D]: this batch row's heads
-  moedec::rope_part<R, TRAD>(row + (size_t)h * D, lane * EPL, off, rope, qr.v);
-  moedec::rope_part<R, TRAD>(row + (size_t)(H + kvh) * D, lane * EPL, off, rope, kn_r.v);
   vn_r = {_ROW}(row + (size_t)(H + HKV + kvh) * D + lane * EPL);
+  moedec::rope_qk<R, TRAD>(row + (size_t)h * D, row + (size_t)(H + kvh) * D, lane * EPL, off, rope, qr.v, kn_r.v);
 """)
 
 # Elements e0 .. e0 + N - 1 of a head's row x rotated for position pos as MLX's fast.rope rotates them:
@@ -134,6 +133,45 @@ __device__ __forceinline__ void rope_part(const X* x, int e0, int pos, const flo
     const float theta = (rope[1] * (float)pos) * exp2f(-d * rope[0]);
     const float cs = cosf(theta), sn = sinf(theta), xe = to_f(x[e]), xp = to_f(x[pe]);
     out[i] = (X)(second ? xp * sn + xe * cs : xe * cs - xp * sn);
+  }
+}
+
+// rope_part of a query row q and a key row k at once, the same N elements of each (one position: the
+// same angles). Where a lane's N elements are one aligned run whose partners are one run too, it loads
+// each run with one load, all before any arithmetic (one memory round trip, not one per element), and
+// takes each angle's cosine and sine once for both rows: the same values and roundings as rope_part.
+template <int R, bool TRAD, int N, typename X>
+__device__ __forceinline__ void rope_qk(const X* q, const X* k, int e0, int pos, const float* rope, X (&qo)[N],
+                                        X (&ko)[N]) {
+  constexpr bool RUNS = N % 2 == 0 && R % N == 0 && (TRAD || (R / 2) % N == 0);
+  if (!RUNS) {
+    rope_part<R, TRAD>(q, e0, pos, rope, qo);
+    rope_part<R, TRAD>(k, e0, pos, rope, ko);
+    return;
+  }
+  struct alignas(sizeof(X) * N) Run { X v[N]; };
+  const bool second = !TRAD && e0 >= R / 2;  // (not TRAD) the run is in the second half of the rotated dims
+  const int pe0 = TRAD ? e0 : second ? e0 - R / 2 : e0 + R / 2;  // the partners' run (a valid run of the row)
+  const Run qr = *reinterpret_cast<const Run*>(q + e0), kr = *reinterpret_cast<const Run*>(k + e0);
+  const Run qp = *reinterpret_cast<const Run*>(q + pe0), kp = *reinterpret_cast<const Run*>(k + pe0);
+  const float base = rope[0], step = rope[1] * (float)pos;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    if (e0 >= R) {  // the run is past the rotated dims (R % N == 0: all of it)
+      qo[i] = qr.v[i];
+      ko[i] = kr.v[i];
+      continue;
+    }
+    const int e = e0 + i, j = TRAD ? e / 2 : e % (R / 2);
+    const bool sec = TRAD ? (e & 1) : second;
+    const int pi = TRAD ? i ^ 1 : i;  // the partner's place in its run
+    const float d = (float)j / (float)(R / 2);
+    const float theta = step * exp2f(-d * base);
+    const float cs = cosf(theta), sn = sinf(theta);
+    const float qe = to_f(qr.v[i]), qx = to_f((TRAD ? qr : qp).v[pi]);
+    const float ke = to_f(kr.v[i]), kx = to_f((TRAD ? kr : kp).v[pi]);
+    qo[i] = (X)(sec ? qx * sn + qe * cs : qe * cs - qx * sn);
+    ko[i] = (X)(sec ? kx * sn + ke * cs : ke * cs - kx * sn);
   }
 }
 """

@@ -38,8 +38,9 @@ __device__ __forceinline__ bool last_block(const unsigned* done, bool* s_last) {
 }
 
 // Block e's logits: w's row e [DIN] (its chunks of 8, CH per thread, fetched into wq) against each
-// token's input row, whose chunk c of 8 values row(t, c, v) gives; the block's NW warps split the
-// row, and their partial sums are added in warp order: a token's logit does not depend on T.
+// token's input row, whose chunk c (the thread's k-th) of 8 values row(t, k, c, v) gives; the block's
+// NW warps split the row, and their partial sums are added in warp order: a token's logit does not
+// depend on T.
 template <typename W, typename R, int DIN, int NE, int NW, int MT, int CH, class Row>
 __device__ __forceinline__ void expert_logits(const Raw8<W> (&wq)[CH], int T, Row row, float* logits,
                                               float (*s_part)[MT]) {
@@ -51,7 +52,7 @@ __device__ __forceinline__ void expert_logits(const Raw8<W> (&wq)[CH], int T, Ro
       const int c = threadIdx.x + k * NW * 32;
       if (c < DIN / 8) {
         float xv[8], wv[8];
-        row(t, c, xv);
+        row(t, k, c, xv);
         unpack8(wq[k], wv);
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc = fmaf(xv[j], wv[j], acc);
@@ -165,19 +166,26 @@ _CLOSE = r"""
 # float32 (scratch), inds [T, K] int32, scores [T, K] float32: one kernel on the step's path instead
 # of a logits and a selection kernel per layer.
 ROUTER = _OPEN + r"""
-  auto row = [&](int t, int c, float* v) { moedec::load8(x + (size_t)t * DIN + c * 8, v); };
+  auto row = [&](int t, int, int c, float* v) { moedec::load8(x + (size_t)t * DIN + c * 8, v); };
 """ + _CLOSE
 
 # ROUTER_NORM. Template: as ROUTER, with X also the dtype of r, gw and the outputs h, n. Inputs x, r
 # [T, D], gw [D] (the norm's weight), eps [SMALL] float32 (element 0), then w, bias, rsf, done as
 # ROUTER. Outputs h = x + r and n = rms_norm(h, gw, eps) [T, D] (rounded as ADD_NORM rounds them),
-# then logits, inds, scores as ROUTER's of n (bit for bit). Every block asks for its router row
-# first, then computes each token's RMS factor while the row arrives (the rows are small and stay in
-# L2); the grid writes h and n, and each block forms the values of n it needs itself: the router
-# does not wait for another kernel's n.
+# then logits, inds, scores as ROUTER's of n (bit for bit). Every block asks for its router row and
+# the norm's weights first, then computes each token's RMS factor while they arrive (the rows are small
+# and stay in L2), and forms the values of n it needs itself (the router does not wait for another
+# kernel's n); chunk c of h and n is written by block c % blocks, as it forms them.
 ROUTER_NORM = _OPEN + r"""
   __shared__ float s_rms[MT];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float ep = eps[0];
+  moedec::Raw8<X> gq[CH];  // the norm's weights of this thread's chunks, asked for with the router row
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int c = threadIdx.x + k * NW * 32;
+    if (c < DIN / 8) gq[k] = moedec::fetch8(gw + c * 8);
+  }
   for (int t = 0; t < T; ++t) {  // each token's 1 / RMS of h, in every block
     float ss = 0.f;
     for (int i = threadIdx.x * 8; i < DIN; i += NW * 256) {
@@ -197,29 +205,27 @@ ROUTER_NORM = _OPEN + r"""
       float tot = 0.f;
 #pragma unroll
       for (int w_ = 0; w_ < NW; ++w_) tot += s_part[w_][0];
-      s_rms[t] = rsqrtf(tot / DIN + eps[0]);
+      s_rms[t] = rsqrtf(tot / DIN + ep);
     }
     __syncthreads();
   }
-  for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < T * (DIN / 8); c += gridDim.x * blockDim.x) {
-    const int t = c / (DIN / 8), i = (c % (DIN / 8)) * 8;  // h and n, over the grid
-    float a[8], b[8], g[8];
-    moedec::load8(x + (size_t)t * DIN + i, a);
-    moedec::load8(r + (size_t)t * DIN + i, b);
-    moedec::load8(gw + i, g);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const X o = (X)(a[j] + b[j]);
-      h[(size_t)t * DIN + i + j] = o;
-      n[(size_t)t * DIN + i + j] = moedec::rms_out<X>(g[j], moedec::to_f(o), s_rms[t]);
-    }
-  }
-  auto row = [&](int t, int c, float* v) {  // n's values, as written above
+  // n's values of chunk c (the thread's k-th, the chunks whose x and r it loaded above); block c % grid
+  // writes that chunk of h and n
+  auto row = [&](int t, int k, int c, float* v) {
     float a[8], b[8], g[8];
     moedec::load8(x + (size_t)t * DIN + c * 8, a);
     moedec::load8(r + (size_t)t * DIN + c * 8, b);
-    moedec::load8(gw + c * 8, g);
+    moedec::unpack8(gq[k], g);
+    const bool mine = c % gridDim.x == blockIdx.x;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = moedec::to_f(moedec::rms_out<X>(g[j], moedec::to_f((X)(a[j] + b[j])), s_rms[t]));
+    for (int j = 0; j < 8; ++j) {
+      const X o = (X)(a[j] + b[j]);
+      const X nv = moedec::rms_out<X>(g[j], moedec::to_f(o), s_rms[t]);
+      if (mine) {
+        h[(size_t)t * DIN + c * 8 + j] = o;
+        n[(size_t)t * DIN + c * 8 + j] = nv;
+      }
+      v[j] = moedec::to_f(nv);
+    }
   };
 """ + _CLOSE
