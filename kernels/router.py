@@ -94,8 +94,8 @@ def fused_router(gate, x: mx.array) -> tuple[mx.array, mx.array]:
 def _launch(name: str, gate, x: mx.array, inputs: list, outputs: list) -> list:
     """Router kernel ``name`` on ``inputs`` and then the gate's weight, correction bias, scaling
     factor and a block counter of its own; its outputs are ``outputs`` ((shape, dtype) pairs) and then
-    the logits, inds and scores. One block per expert; the last block to finish selects, one warp
-    per token."""
+    the logits, inds and scores. One block per expert; the last block to finish selects, all its
+    threads sharing the tokens' experts."""
     plan = _plan(gate, _gate_plan)
     w, bias, rsf = plan.inputs
     experts, tokens = w.shape[0], x.size // plan.width

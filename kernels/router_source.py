@@ -1,7 +1,7 @@
 """CUDA source of the router kernels: mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) in one
 kernel: the logits (one block per expert, its warps splitting the row) and then, in the block that
-finishes last, the selection (one warp per token: sigmoid, correction bias, group limit, top-K,
-normalisation and scaling). ``ROUTER_NORM`` also does the decoder layer's residual add and RMSNorm
+finishes last, the selection (its threads share the tokens' experts: sigmoid, correction bias, group
+limit, top-K, normalisation and scaling). ``ROUTER_NORM`` also does the decoder layer's residual add and RMSNorm
 before it (one kernel where there were two). Their Python side is :mod:`.router`.
 """
 
@@ -9,8 +9,8 @@ before it (one kernel where there were two). Their Python side is :mod:`.router`
 # block ask for its router row before it does anything else, the block counter, and the selection.
 # Every block writes its expert's logits and counts itself done; the block that counts last sees
 # every logit (each block fenced its writes before counting), puts the counter back to zero (so a
-# counter that launches share one after another works too) and selects for all T tokens, a warp per
-# token.
+# counter that launches share one after another works too) and selects for all T tokens with all its
+# threads.
 SELECT = r"""
 template <typename T> struct Raw8 { uint4 u[sizeof(T) / 2]; };  // 8 values as loaded, not yet floats
 template <typename T> __device__ __forceinline__ Raw8<T> fetch8(const T* p) {
@@ -73,23 +73,24 @@ __device__ __forceinline__ void expert_logits(const Raw8<W> (&wq)[CH], int T, Ro
 // logits [T, NE] float32 (written by other blocks: read from L2), bias [NE], rsf[0] the scaling
 // factor -> inds [T, K] int32, scores [T, K] float32, as mlx-lm's gate: the K best experts by
 // sigmoid + bias (ties: the lower expert), in that order, weighted by their sigmoids (normalised,
-// summed in that order, then scaled). A warp per token; each expert's place is the number of experts
-// ahead of it, counted by one lane (no rounds of K arg-maxes).
-template <int NE, int K, int NG, int TG, bool NORM, int NW, typename B>
+// summed in that order, then scaled). The block's threads share the (token, expert) pairs: each pair's
+// logit and bias are loaded at once (one memory round trip for all), and each expert's place is the
+// number of experts ahead of it, counted by one thread; then a warp per token sums its K weights.
+template <int NE, int K, int NG, int TG, bool NORM, int NW, typename B, int MT>
 __device__ void select_top_k(const float* logits, const B* bias, const float* rsf, int32_t* inds, float* scores,
                              int T, float (*s_sig)[NE], float (*s_sel)[NE], float (*s_grp)[NG], int (*s_pick)[K]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float* sig = s_sig[warp];
-  float* sel = s_sel[warp];
-  for (int t = warp; t < T; t += NW) {
-    for (int e = lane; e < NE; e += 32) {
-      const float sg = 1.f / (1.f + expf(-__ldcg(logits + t * NE + e)));  // from L2: other blocks wrote it
-      sig[e] = sg;
-      sel[e] = sg + to_f(bias[e]);
-    }
-    __syncwarp();
-    if (NG > 1) {  // keep the TG groups with the largest top-2 sums; zero the others' scores
-      constexpr int GS = NE / NG;
+  for (int i = threadIdx.x; i < T * NE; i += NW * 32) {  // pair i: token i / NE, expert i % NE
+    const int t = i / NE, e = i - t * NE;
+    const float sg = 1.f / (1.f + expf(-__ldcg(logits + i)));  // from L2: other blocks wrote it
+    s_sig[t][e] = sg;
+    s_sel[t][e] = sg + to_f(bias[e]);
+  }
+  __syncthreads();
+  if (NG > 1) {  // a warp per token: keep the TG groups with the largest top-2 sums; zero the others' scores
+    constexpr int GS = NE / NG;
+    for (int t = warp; t < T; t += NW) {
+      float* sel = s_sel[t];
       for (int g = lane; g < NG; g += 32) {
         float a = -INFINITY, b = -INFINITY;
         for (int i = 0; i < GS; ++i) {
@@ -104,29 +105,34 @@ __device__ void select_top_k(const float* logits, const B* bias, const float* rs
         for (int h = 0; h < NG; ++h) better += s_grp[warp][h] > s_grp[warp][g] || (s_grp[warp][h] == s_grp[warp][g] && h < g);
         if (better >= TG) for (int i = 0; i < GS; ++i) sel[g * GS + i] = 0.f;
       }
-      __syncwarp();
+      __syncwarp();  // the next token's group sums go where this one's were
     }
-    for (int e = lane; e < NE; e += 32) {
-      const float v = sel[e];
-      int ahead = 0;
-      for (int o = 0; o < NE; ++o) {
-        const float u = sel[o];
-        ahead += u > v || (u == v && o < e);
-      }
-      if (ahead < K) s_pick[warp][ahead] = e;
+    __syncthreads();
+  }
+  for (int i = threadIdx.x; i < T * NE; i += NW * 32) {
+    const int t = i / NE, e = i - t * NE;
+    const float* sel = s_sel[t];
+    const float v = sel[e];
+    int ahead = 0;
+#pragma unroll 11
+    for (int o = 0; o < NE; ++o) {
+      const float u = sel[o];
+      ahead += u > v || (u == v && o < e);
     }
-    __syncwarp();
+    if (ahead < K) s_pick[t][ahead] = e;
+  }
+  __syncthreads();
+  for (int t = warp; t < T; t += NW) {
     float total = 0.f;
 #pragma unroll
-    for (int j = 0; j < K; ++j) total += sig[s_pick[warp][j]];
+    for (int j = 0; j < K; ++j) total += s_sig[t][s_pick[t][j]];
     if (lane < K) {
-      const int e = s_pick[warp][lane];
-      float mine = sig[e];
+      const int e = s_pick[t][lane];
+      float mine = s_sig[t][e];
       if (NORM && K > 1) mine = mine / total;
       inds[t * K + lane] = e;
       scores[t * K + lane] = mine * rsf[0];
     }
-    __syncwarp();  // the next token's tables go where this one's were
   }
 }
 """
@@ -136,11 +142,11 @@ __device__ void select_top_k(const float* logits, const B* bias, const float* rs
 # (a token's input, 8 values of chunk c), the block count and the selection.
 _OPEN = r"""
   constexpr int CH = (DIN / 8 + NW * 32 - 1) / (NW * 32);  // chunks of 8 inputs per thread
-  __shared__ float s_sig[NW][NE];   // sigmoid(logit): the weight of a chosen expert
-  __shared__ float s_sel[NW][NE];   // selection score: sigmoid + correction bias
+  __shared__ float s_sig[MT][NE];   // sigmoid(logit): the weight of a chosen expert
+  __shared__ float s_sel[MT][NE];   // selection score: sigmoid + correction bias
   __shared__ float s_grp[NW][NG];
   __shared__ float s_part[NW][MT];
-  __shared__ int s_pick[NW][K];
+  __shared__ int s_pick[MT][K];
   __shared__ bool s_last;
   int T = 1;
   for (int i = 0; i + 1 < x_ndim; ++i) T *= x_shape[i];
@@ -155,7 +161,7 @@ _OPEN = r"""
 _CLOSE = r"""
   moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
   if (!moedec::last_block(done, &s_last)) return;
-  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
+  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B, MT>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
 """
 
 # ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
