@@ -1,8 +1,8 @@
 """CUDA source of the router kernels: mlx-lm's ``noaux_tc`` MoE gate (GLM-4.x, DeepSeek-V3) in one
 kernel: the logits (one block per expert, its warps splitting the row) and then, in the block that
 finishes last, the selection (its threads share the tokens' experts: sigmoid, correction bias, group
-limit, top-K, normalisation and scaling). ``ROUTER_NORM`` also does the decoder layer's residual add and RMSNorm
-before it (one kernel where there were two). Their Python side is :mod:`.router`.
+limit, top-K, normalisation and scaling). ``ROUTER_NORM`` also does the decoder layer's residual add
+and RMSNorm before it (one kernel where there were two). Their Python side is :mod:`.router`.
 """
 
 # Device code both router kernels use (in the moedec namespace): the 8-value raw loads that let a
@@ -76,7 +76,7 @@ __device__ __forceinline__ void expert_logits(const Raw8<W> (&wq)[CH], int T, Ro
 // summed in that order, then scaled). The block's threads share the (token, expert) pairs: each pair's
 // logit and bias are loaded at once (one memory round trip for all), and each expert's place is the
 // number of experts ahead of it, counted by one thread; then a warp per token sums its K weights.
-template <int NE, int K, int NG, int TG, bool NORM, int NW, typename B, int MT>
+template <int NE, int K, int NG, int TG, bool NORM, int NW, typename B>
 __device__ void select_top_k(const float* logits, const B* bias, const float* rsf, int32_t* inds, float* scores,
                              int T, float (*s_sig)[NE], float (*s_sel)[NE], float (*s_grp)[NG], int (*s_pick)[K]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -114,7 +114,7 @@ __device__ void select_top_k(const float* logits, const B* bias, const float* rs
     const float* sel = s_sel[t];
     const float v = sel[e];
     int ahead = 0;
-#pragma unroll 11
+#pragma unroll 11  // in part: the broadcast reads of sel go out ahead of the compares
     for (int o = 0; o < NE; ++o) {
       const float u = sel[o];
       ahead += u > v || (u == v && o < e);
@@ -161,7 +161,7 @@ _OPEN = r"""
 _CLOSE = r"""
   moedec::expert_logits<W, R, DIN, NE, NW, MT, CH>(wq, T, row, logits, s_part);
   if (!moedec::last_block(done, &s_last)) return;
-  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B, MT>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
+  moedec::select_top_k<NE, K, NG, TG, NORM, NW, B>(logits, bias, rsf, inds, scores, T, s_sig, s_sel, s_grp, s_pick);
 """
 
 # ROUTER. Template: X activations, W router weight, R router logit dtype (mlx-lm rounds x @ W.T to it),
