@@ -17,7 +17,6 @@ callers fall back to mlx-lm's stock path.
 from __future__ import annotations
 
 import functools
-import re
 
 import attrs
 import mlx.core as mx
@@ -26,6 +25,7 @@ from .cuda_cores import CUDA_CORES, DOWN, GATE_UP
 from .attention_source import ATTENTION_QKV, ATTENTION_READ, ATTENTION_WRITE, ROPE
 from .cuda_source import ADD_NORM, ASYNC, BASE, COPY, EMBED, MAD, RMS, SLOTS, SPIN, header
 from .dense_source import DENSE_MMA, DENSE_NORM_MMA, DENSE_PAD_MMA
+from .jit import kernel_text
 from .router_source import ROUTER, ROUTER_NORM, SELECT
 from .tensor_cores import DOWN_MMA, GATE_UP_MMA
 from .tensor_cores import TENSOR_CORES as TENSOR_CORE_CODE
@@ -81,38 +81,11 @@ SIGNATURES = {
 
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, shared_memory: int = 0):
+    """Kernel ``name`` of :data:`SIGNATURES`, its source handed over as :func:`.jit.kernel_text` does."""
     inputs, outputs, source, head = SIGNATURES[name]
-    return mx.fast.cuda_kernel(name=f"moedec_{name}", input_names=inputs, output_names=outputs,
-                               source=_minify(source), header=_minify(head), shared_memory=shared_memory)
-
-
-_WORD = re.compile(r"[A-Za-z0-9_]")
-_OPERATOR = set("+-*/%&|^<>=!:.")  # two of these with a space between may not touch (a - -b, a / *p, > >)
-
-
-def _minify(src: str) -> str:
-    """Source without comments and without the whitespace C++ does not need: MLX hashes a custom
-    kernel's whole source on every launch (the host's cost per launch grows by ~0.24 us per KB on an
-    H100; docs/benchmarks.md). Preprocessor lines keep lines of their own; string literals (inline
-    assembly) are left as they are."""
-    out = []
-    for line in (l.split("//")[0].strip() for l in src.splitlines()):
-        if not line:
-            continue
-        if line.startswith("#"):
-            out.append("\n" + line + "\n")
-            continue
-        out.append(" " + "".join(_squeeze(p) if i % 2 == 0 else f'"{p}"' for i, p in enumerate(line.split('"'))))
-    return "".join(out).strip().replace("\n ", "\n")
-
-
-def _squeeze(code: str) -> str:
-    """``code`` (no string literals) with a space kept only between two identifier characters or two
-    operator characters."""
-    code = " ".join(code.split())
-    keep = [c != " " or (_WORD.match(code[i - 1]) and _WORD.match(code[i + 1])) or
-            (code[i - 1] in _OPERATOR and code[i + 1] in _OPERATOR) for i, c in enumerate(code)]
-    return "".join(c for c, k in zip(code, keep) if k)
+    head, body = kernel_text(name, inputs, head, source)
+    return mx.fast.cuda_kernel(name=f"moedec_{name}", input_names=inputs, output_names=outputs, source=body,
+                               header=head, shared_memory=shared_memory)
 
 
 # -- experts ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from . import fused
 from .dense import dense_kernel, dense_norm_kernel
+from .jit import kernel_text
 from .router import router_template
 
 CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t",
@@ -39,12 +40,14 @@ using Strides = cuda::std::array<int64_t, 10>;
 """
 
 
-def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
+def kernel_source(name: str, template: list, dtypes: dict[str, str], include: bool | None = None) -> str:
     """The translation unit MLX's ``cuda_kernel`` compiles for kernel ``name`` of
     :data:`fused.SIGNATURES` (see ``build_kernel`` in MLX's ``custom_kernel.cpp``): inputs and outputs
     typed by ``dtypes`` (name -> dtype; weights default to uint32), shape/strides/ndim parameters
-    only for inputs whose ``<name>_shape`` etc. appear in the body, the template as constants."""
+    only for inputs whose ``<name>_shape`` etc. appear in the body, the template as constants;
+    ``include``: the sources as :func:`.jit.kernel_text` hands them over (default: as MLX gets them)."""
     inputs, outputs, body, head = fused.SIGNATURES[name]
+    head, body = kernel_text(name, inputs, head, body, include)
     params = []
     for n in inputs:
         params.append(f"const {CUDA_TYPES[dtypes.get(n, 'uint32')]}* {n}")
@@ -60,8 +63,8 @@ def kernel_source(name: str, template: list, dtypes: dict[str, str]) -> str:
             consts.append(f"  constexpr int {k} = {v};")
         else:  # an mx.Dtype
             consts.append(f"  using {k} = {CUDA_TYPES[str(v).rsplit('.', 1)[-1]]};")
-    return (PRELUDE + fused._minify(head) + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
-            + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + fused._minify(body) + "\n}\n}\n")
+    return (PRELUDE + head + "\nnamespace mlx::core::cu {\n__global__ void " + name + "(\n    "
+            + ",\n    ".join(params) + ") {\n" + "\n".join(consts) + "\n" + body + "\n}\n}\n")
 
 
 def kernel_dtypes(x_dtype=mx.bfloat16) -> dict[str, str]:

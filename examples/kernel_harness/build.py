@@ -82,7 +82,8 @@ def sources_at(rev: str | None, probe: str | None = None) -> types.SimpleNamespa
 def kernel_tu(name: str, prefix: str, template: list, dtypes: dict | None = None) -> tuple[str, list[str]]:
     """The kernel's translation unit, renamed ``prefix_name``, and its call arguments from Args a."""
     dtypes = {**resources.kernel_dtypes(mx.bfloat16), **(dtypes or {})}
-    tu = resources.kernel_source(name, template, dtypes).replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
+    tu = resources.kernel_source(name, template, dtypes, include=False)  # one file of several kernels: inline
+    tu = tu.replace(f"__global__ void {name}(", f"__global__ void {prefix}_{name}(")
     at = tu.index(f"{prefix}_{name}(") + len(f"{prefix}_{name}(")
     args = []
     for p in [q.strip() for q in tu[at:tu.index(") {\n", at)].split(",\n")]:
