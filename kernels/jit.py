@@ -98,17 +98,21 @@ def _written(name: str, text: str) -> str | None:
     digest = hashlib.sha256(text.encode()).hexdigest()[:20]
     d = source_dir().resolve()
     path = d / f"moedec_{name}_{digest}.cuh"
-    if any(c in str(path) for c in '"\\\n'):  # not a path an #include "..." can name
-        return None
-    try:
-        if not (path.is_file() and path.read_text() == text):
+    why = "its path has a character an #include cannot name" if any(c in str(path) for c in '"\\\n') else None
+    if why is None and not (path.is_file() and path.read_text() == text):
+        tmp = None
+        try:
             d.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.replace(tmp, path)  # whole, whatever another process writes at the same time
-    except OSError as e:
-        warnings.warn(f"moedec: cannot write kernel source {path} ({e}); kernels get their source inline, "
+        except OSError as e:
+            why = str(e)
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+    if why is not None:
+        warnings.warn(f"moedec: cannot use kernel source file {path} ({why}); kernels get their source inline, "
                       "which costs the host more per launch (set MOEDEC_KERNEL_DIR)", stacklevel=3)
         return None
     return str(path)

@@ -63,7 +63,7 @@ def test_without_a_writable_directory_the_text_goes_inline(tmp_path, monkeypatch
     monkeypatch.setattr(jit, "INCLUDE", True)
     jit._written.cache_clear()
     inputs, _, body, header = fused.SIGNATURES["router"]
-    with pytest.warns(UserWarning, match="MOEDEC_KERNEL_DIR"):
+    with pytest.warns(UserWarning, match="cannot use kernel source file .*MOEDEC_KERNEL_DIR"):
         got = jit.kernel_text("router", inputs, header, body)
     jit._written.cache_clear()
     assert got == (jit.minify(header), jit.minify(body))
@@ -75,3 +75,14 @@ def test_the_default_directory_is_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("MOEDEC_KERNEL_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert jit.source_dir() == tmp_path / "moedec" / "cuda"
+
+
+def test_a_path_an_include_cannot_name_goes_inline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEDEC_KERNEL_DIR", str(tmp_path / 'a"b'))
+    monkeypatch.setattr(jit, "INCLUDE", True)
+    jit._written.cache_clear()
+    inputs, _, body, header = fused.SIGNATURES["copy"]
+    with pytest.warns(UserWarning, match="#include cannot name"):
+        got = jit.kernel_text("copy", inputs, header, body)
+    jit._written.cache_clear()
+    assert got == (jit.minify(header), jit.minify(body)) and not (tmp_path / 'a"b').exists()
