@@ -18,16 +18,22 @@ import attrs
 import mlx.core as mx
 import mlx.nn as nn
 
-from .fused import (MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel, _mma_slice, _plan,
-                    _scalar, _stages, refresh)
+from .fused import (GATE_UP_BLOCKS, MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel,
+                    _mma_slice, _plan, _scalar, _stages, refresh)
 from .patching import set_call
 
 DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
-# Warps that split one tile's inputs (fewer when the slices do not divide). 4 beat 8 and 2 at T = 1 and 4
-# in one scratch timing on an H200 (docs/benchmarks.md); examples/kernel_harness times all three.
+# Warps that split one tile's inputs: 4, 2 or 1 (of those that divide the slices), by _split's cost.
+# An H200 (docs/benchmarks.md): 4 beat 2 and 8 for the o projection (256 tiles), 2 matched 4 for the
+# q/k/v projection (384), 4 beat 2 for the dense MLP's gate or up (684), 1 beat 2 and 4 for the LM head
+# (2000 tiles: 250 blocks instead of 1000).
 DENSE_SPLIT = 4
+DENSE_SMS = GATE_UP_BLOCKS // 2  # SMs of an H100/H200 (only the split choice depends on it)
+BLOCK_ROWS = 7  # a block's fixed cost (launch, x, sum-x table, epilogue) in rows' worth of weight bytes
 MAX_DIN = 16384  # the block's sum-x table is 16 x DIN / GROUP floats of static shared memory
 NORM_TOKENS = 4  # most tokens of qlinear_norm: each block keeps their RMSNorm in shared memory
+X_TOKENS = 4  # most tokens whose inputs DENSE_MMA copies into shared memory first (more: read in place)
+X_SMEM = 96 * 1024  # ... while the ring and those inputs fit in this much (two blocks per SM)
 
 
 def why_not_dense(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array], bits: int,
@@ -54,20 +60,33 @@ def why_not_dense(x: mx.array, weight: mx.array, scales: mx.array, biases: Optio
 
 
 @functools.lru_cache(maxsize=64)
-def dense_kernel(x_dtype, din: int, nout: int, group: int, split: int = DENSE_SPLIT) -> tuple[list, int]:
-    """(template, dynamic shared memory) of ``DENSE_MMA`` for ``din -> nout``; 0 bytes: no fit."""
+def dense_kernel(x_dtype, din: int, nout: int, group: int, split: Optional[int] = None) -> tuple[list, int]:
+    """(template, dynamic shared memory) of ``DENSE_MMA`` for ``din -> nout``; 0 bytes: no fit.
+    ``split``: warps per tile (the next that divides the slices), else chosen by :func:`_split`."""
     ks = _mma_slice(din, DENSE_SLICE, group, x_dtype.size)
     if not ks:
         return [], 0
     slices = din // ks
-    split = next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
+    split = _split(slices, nout) if split is None else next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
     stages, smem = _stages(8 * ks + ks * x_dtype.size, DENSE_STAGES)
+    ring = stages * WARPS * (8 * ks + ks * x_dtype.size)
+    xt = next((t for t in (X_TOKENS, 2, 1) if ring + t * din * x_dtype.size <= X_SMEM), 0) if smem else 0
     return ([("X", x_dtype), ("S", x_dtype), ("DIN", din), ("NOUT", nout), ("GROUP", group), ("KS", ks),
-             ("STAGES", stages), ("SPLIT", split)], smem)
+             ("STAGES", stages), ("SPLIT", split), ("XT", xt)], smem and max(ring + xt * din * x_dtype.size, OPT_IN))
+
+
+def _split(slices: int, nout: int) -> int:
+    """Warps per 16-row tile, of DENSE_SPLIT, 2 and 1 that divide the slices: the one whose busiest SM
+    has the least to do, in rows of weights, its blocks' fixed costs included (the first of a tie)."""
+    def busiest(s: int) -> int:
+        rows = 16 * (WARPS // s)  # per block
+        blocks = -(-nout // rows)
+        return -(-blocks // DENSE_SMS) * (rows + BLOCK_ROWS)  # blocks per SM (rounded up) x their cost
+    return min((s for s in (DENSE_SPLIT, 2, 1) if slices % s == 0), key=busiest)
 
 
 def qlinear(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array, group_size: int,
-            split: int = DENSE_SPLIT, shape: Optional[tuple] = None) -> mx.array:
+            split: Optional[int] = None, shape: Optional[tuple] = None) -> mx.array:
     """``x [.., DIN] -> [.., NOUT]``: ``mx.quantized_matmul(x, weight, scales, biases, transpose=True,
     group_size=group_size, bits=4)`` (check :func:`why_not_dense` first); ``shape``: the result in that
     shape (of as many values) as the kernel's own output, with no reshape after it."""

@@ -5,11 +5,11 @@ slices (:mod:`.tensor_cores`); its Python side is :mod:`.dense`.
 # A dense quantized linear layer y = x W^T (4-bit W [NOUT, DIN], X bfloat16 / float16, T <= 16 tokens)
 # on the same slices: the attention projections, a dense MLP and the LM head of a decode step, which
 # MLX's quantized matmul reads at about a fifth of the copy bandwidth (docs/benchmarks.md). Template:
-# X, S, DIN, NOUT, GROUP, KS, STAGES, SPLIT. A block owns WARPS / SPLIT tiles of 16 rows; the SPLIT warps
+# X, S, DIN, NOUT, GROUP, KS, STAGES, SPLIT, XT. A block owns WARPS / SPLIT tiles of 16 rows; the SPLIT warps
 # of a tile each take SLICES / SPLIT consecutive slices, and the block adds their partial dots in warp
 # order (whatever T is, so a token alone and among 16 gets the same bits). Inputs x [T, DIN], w, sc, bi
 # as MLX's QuantizedLinear stores them; output y [T, NOUT] in X (float32 sums rounded once).
-_HEAD = r"""
+_SETUP = r"""
   constexpr int SLICES = DIN / KS, WORDS = DIN / 8, GROUPS = DIN / GROUP, TILES = moedec::WARPS / SPLIT;
   constexpr int SP = SLICES / SPLIT;  // slices per warp
   static_assert(SLICES % SPLIT == 0 && NOUT % 16 == 0, "whole slices per warp, whole row tiles");
@@ -36,8 +36,31 @@ _HEAD = r"""
     moedec::cp_commit();
   };
 
+"""
+
+# The ring's first slices queued (after what a kernel asks for first).
+_PROLOGUE = r"""
 #pragma unroll
   for (int k = 0; k + 1 < STAGES; ++k) queue(k, ring[k]);
+"""
+
+# Up to XT tokens' inputs copied into shared memory before any weight slice is queued: the copies then
+# do not wait behind the ring's in the SM's queue, and the slices read x from shared memory (an H200,
+# docs/benchmarks.md: the o projection 7.3 -> 6.4 us at T=1). More tokens read x where it is.
+_X_FIRST = r"""
+  X* xsm = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN] when T <= XT
+  const bool xin = T <= XT;
+  if (xin) {
+    for (int i = threadIdx.x; i < T * (DIN / 8); i += moedec::THREADS) moedec::cp16(xsm + i * 8, x + i * 8);
+    moedec::cp_commit();
+  }
+"""
+_X_WAIT = r"""
+  if (xin) {
+    moedec::cp_wait<STAGES - 1>();  // the inputs' copies: the oldest group
+    __syncthreads();
+  }
+  const X* xs = xin ? xsm : x;
 """
 
 # The rest of the kernel, on the activations xs [T, DIN] (x itself, or its RMSNorm in shared memory).
@@ -126,20 +149,23 @@ _NORM = r"""
 
 # Rows of DX inputs where DX is not a whole number of slices (GLM-4.5's dense MLP: 10944): the weights
 # are a copy padded with zero words, scales and biases to DIN inputs (dense.padded_plan), and each block
-# copies the T <= NT tokens' inputs into shared memory after its ring with zeros past DX (a zero weight
-# times a zero input adds exactly nothing). Inputs as DENSE_MMA; x [T, DX].
+# copies the T <= NT tokens' inputs into shared memory first, as _X_FIRST does, with zeros past DX (a
+# zero weight times a zero input adds exactly nothing). Inputs as DENSE_MMA; x [T, DX] (DX % 8 == 0).
 _PAD = r"""
   X* xp = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN]
   for (int i = threadIdx.x; i < T * (DIN / 8); i += moedec::THREADS) {
     const int t = i / (DIN / 8), k = i % (DIN / 8) * 8;
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (k < DX) v = *reinterpret_cast<const uint4*>(x + (size_t)t * DX + k);
-    *reinterpret_cast<uint4*>(xp + (size_t)t * DIN + k) = v;
+    if (k < DX) moedec::cp16(xp + (size_t)t * DIN + k, x + (size_t)t * DX + k);
+    else *reinterpret_cast<uint4*>(xp + (size_t)t * DIN + k) = make_uint4(0u, 0u, 0u, 0u);
   }
+  moedec::cp_commit();
+"""
+_PAD_WAIT = r"""
+  moedec::cp_wait<STAGES - 1>();  // the inputs' copies: the oldest group
   __syncthreads();
   const X* xs = xp;
 """
 
-DENSE_MMA = _HEAD + "  const X* xs = x;\n" + _TAIL
-DENSE_PAD_MMA = _HEAD + _PAD + _TAIL
-DENSE_NORM_MMA = _HEAD + _NORM + _TAIL
+DENSE_MMA = _SETUP + _X_FIRST + _PROLOGUE + _X_WAIT + _TAIL
+DENSE_PAD_MMA = _SETUP + _PAD + _PROLOGUE + _PAD_WAIT + _TAIL
+DENSE_NORM_MMA = _SETUP + _PROLOGUE + _NORM + _TAIL

@@ -68,6 +68,25 @@ def test_dense_kernel_template(din, group, split, want):
     assert (din // t["KS"]) % t["SPLIT"] == 0 and t["SPLIT"] == want  # 768 = 3 slices of 256: one warp
 
 
+def test_dense_split_and_inputs_in_shared_memory():
+    """Without a split asked for, the one whose busiest SM has the fewest rows to stream (DENSE_SMS SMs,
+    each block's fixed cost counted): the LM head's 2000 tiles one warp each (250 blocks, not 1000 in
+    four rounds), the o projection's 256 four. Inputs of up to XT tokens go to shared memory first, as
+    many as fit next to the ring."""
+    def kernel(din, nout):
+        t, smem = dense.dense_kernel(mx.bfloat16, din, nout, 64)
+        return dict(t), smem
+
+    assert [kernel(4096, n)[0]["SPLIT"] for n in (32000, 10944, 6144, 4096)] == [1, 4, 2, 4]
+    assert kernel(768, 256)[0]["SPLIT"] == 1  # 3 slices: only 1 divides them
+    assert dict(dense.dense_kernel(mx.bfloat16, 4096, 32000, 64, 4)[0])["SPLIT"] == 4  # asked for
+    t, smem = kernel(4096, 4096)
+    ring = t["STAGES"] * 8 * (8 * t["KS"] + 2 * t["KS"])
+    assert t["XT"] == dense.X_TOKENS and smem == ring + dense.X_TOKENS * 4096 * 2 <= dense.X_SMEM
+    t, smem = kernel(16384, 256)
+    assert t["XT"] == 1 and smem == ring + 16384 * 2
+
+
 def test_patch_linears_swaps_and_restores_the_class():
     model = quantized_glm()
     layers = quantized_linears(model)
