@@ -61,7 +61,7 @@ _DOWN_IO = (["act", "inds", "scores", "meta", "wd", "sd", "bd", "hd", "hsd", "hb
 SIGNATURES = {
     "router": (["x", "w", "bias", "rsf", "done"], ["logits", "inds", "scores"], ROUTER, header(BASE, SELECT)),
     "router_norm": (["x", "r", "gw", "eps", "w", "bias", "rsf", "done"], ["h", "n", "logits", "inds", "scores"],
-                    ROUTER_NORM, header(BASE, SELECT)),
+                    ROUTER_NORM, header(BASE, RMS, SELECT)),
     "gate_up": (*_GATE_UP_IO, GATE_UP, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "down": (*_DOWN_IO, DOWN, header(BASE, ASYNC, CUDA_CORES, SLOTS)),
     "gate_up_mma": (*_GATE_UP_IO, GATE_UP_MMA, header(BASE, ASYNC, TENSOR_CORE_CODE, SLOTS)),

@@ -183,8 +183,9 @@ ROUTER = _OPEN + r"""
 # and stay in L2), and forms the values of n it needs itself (the router does not wait for another
 # kernel's n); chunk c of h and n is written by block c % blocks, as it forms them.
 ROUTER_NORM = _OPEN + r"""
+  static_assert(NW == moedec::WARPS, "block_rsqrt_mean sums WARPS partials");
   __shared__ float s_rms[MT];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __shared__ float s_ss[NW];
   const float ep = eps[0];
   moedec::Raw8<X> gq[CH];  // the norm's weights of this thread's chunks, asked for with the router row
 #pragma unroll
@@ -204,16 +205,9 @@ ROUTER_NORM = _OPEN + r"""
         ss += v * v;
       }
     }
-    ss = moedec::warp_sum(ss);
-    if (lane == 0) s_part[warp][0] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float tot = 0.f;
-#pragma unroll
-      for (int w_ = 0; w_ < NW; ++w_) tot += s_part[w_][0];
-      s_rms[t] = rsqrtf(tot / DIN + ep);
-    }
-    __syncthreads();
+    const float rr = moedec::block_rsqrt_mean(ss, s_ss, DIN, ep);
+    if (threadIdx.x == 0) s_rms[t] = rr;
+    __syncthreads();  // s_ss is read before the next token's sums
   }
   // n's values of chunk c (the thread's k-th, the chunks whose x and r it loaded above); block c % grid
   // writes that chunk of h and n
