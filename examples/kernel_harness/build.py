@@ -36,7 +36,7 @@ SHAPES = {  # C++ expressions over Args a, for the inputs whose shapes a kernel 
     "res": ["1", "a.T", "a.D"],
 }
 DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "head": (4096, 32000)}  # din, nout
-SPLITS = (2, 4, 8)
+SPLITS = (1, 2, 4, 8)  # warps per tile; dense._split picks among 4, 2 and 1
 
 
 # Probes: the working tree's expert kernels with a part taken out or changed, to see what bounds them
