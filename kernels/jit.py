@@ -54,11 +54,11 @@ def _squeeze(code: str) -> str:
     return "".join(c for c, k in zip(code, keep) if k)
 
 
-def one_line(body: str) -> str:
-    """A minified body as one line, for a macro: ``#pragma X`` lines become ``_Pragma("X")``; any
-    other preprocessor line is an error (a macro cannot hold it)."""
+def one_line(code: str) -> str:
+    """A :func:`minify`-ed body as one line, for a macro: ``#pragma X`` lines become ``_Pragma("X")``;
+    any other preprocessor line is an error (a macro cannot hold it)."""
     parts = []
-    for line in minify(body).splitlines():
+    for line in code.splitlines():
         if line.startswith("#pragma "):
             parts.append('_Pragma("' + line[len("#pragma "):].strip().replace('"', '\\"') + '")')
         elif line.startswith("#"):
@@ -84,7 +84,7 @@ def kernel_text(name: str, inputs: list[str], header: str, body: str, include: b
     head, code = minify(header), minify(body)
     if not (INCLUDE if include is None else include):
         return head, code
-    path = _written(name, f"{head}\n#define {BODY} {one_line(body)}\n")
+    path = _written(name, f"{head}\n#define {BODY} {one_line(code)}\n")
     if path is None:
         return head, code
     used = [f"{n}_{s}" for n in inputs for s in ("shape", "strides", "ndim") if f"{n}_{s}" in code]

@@ -30,7 +30,7 @@ def test_each_kernel_reaches_mlx_as_an_include_and_a_macro(kernel_dir, name):
     assert path.parent == kernel_dir.resolve() and path.name.startswith(f"moedec_{name}_")
     assert len(head) + len(code) < 400  # what MLX hashes per launch, against 4-14 KB inline
     text = path.read_text()
-    assert text == f"{jit.minify(header)}\n#define {jit.BODY} {jit.one_line(body)}\n"
+    assert text == f"{jit.minify(header)}\n#define {jit.BODY} {jit.one_line(jit.minify(body))}\n"
     # MLX passes <input>_shape / _strides / _ndim only when the body it gets names them: exactly those used
     full = jit.minify(body)
     for n in inputs:
@@ -51,9 +51,9 @@ def test_a_file_is_named_by_its_content(kernel_dir):
 
 def test_one_line_turns_pragmas_into_operators():
     src = "#pragma unroll\nfor (int i = 0; i < 4; ++i) {  // a loop\n  x += i;\n}\n#pragma unroll 11\nfor (;;) {}\n"
-    assert jit.one_line(src) == '_Pragma("unroll") for(int i=0;i<4;++i){ x+=i; } _Pragma("unroll 11") for(;;){}'
+    assert jit.one_line(jit.minify(src)) == '_Pragma("unroll") for(int i=0;i<4;++i){ x+=i; } _Pragma("unroll 11") for(;;){}'
     with pytest.raises(ValueError, match="#if"):
-        jit.one_line("#if A\nx;\n#endif\n")
+        jit.one_line(jit.minify("#if A\nx;\n#endif\n"))
 
 
 @pytest.mark.parametrize("where,why", [("file/cuda", "cannot use kernel source file .*MOEDEC_KERNEL_DIR"),
