@@ -677,7 +677,8 @@ def test_joined_attention_kernel_eligibility():
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
 def test_kernel_harness_builds(tmp_path):
     """examples/kernel_harness/build.py turns the working tree's tensor-core kernels (experts and the
-    dense kernel) into a standalone CUDA-event timer (what docs/benchmarks.md's kernel-by-kernel table ran)."""
+    dense kernel) and a revision's into a standalone CUDA-event timer (what docs/benchmarks.md's
+    kernel-by-kernel tables ran)."""
     import importlib.util
     import subprocess
     import sys
@@ -688,12 +689,14 @@ def test_kernel_harness_builds(tmp_path):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     probes = sorted(build.PROBES)  # every probe: their substitutions must still apply to the kernels
-    run = subprocess.run([sys.executable, str(script), *(a for p in probes for a in ("--probe", p)), "-o", str(tmp_path)],
-                         capture_output=True, text=True)
+    run = subprocess.run([sys.executable, str(script), "--rev", "HEAD", *(a for p in probes for a in ("--probe", p)),
+                          "-o", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "work (working tree): Used" in run.stdout
     assert all(f"{p} (probe {p}): Used" in run.stdout for p in probes)
     source = (tmp_path / "work.cu").read_text()
     assert all(f"work{t}_gate_up_mma(" in source for t, *_ in build.fused.GATE_UP_RING) and "work_down_mma(" in source
-    assert "dense_qkv_s4_dense_mma(" in (tmp_path / "dense.cu").read_text()
+    dense = (tmp_path / "dense.cu").read_text()
+    assert all(f"dense_{shape}_work_s{s}_dense_mma(" in dense for shape in build.DENSE_SHAPES for s in build.SPLITS)
+    assert "dense_qkv_r0_s" in dense and '"work s2*"' in (tmp_path / "variants.inc").read_text()  # q/k/v's own split
     assert (tmp_path / "harness").stat().st_size > 0

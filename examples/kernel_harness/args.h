@@ -11,4 +11,4 @@ struct Args {
 };
 typedef void (*Launch)(const Args&, cudaStream_t);
 struct Variant { const char* name; Launch gate_up, down; };
-struct DenseVariant { const char* name; int din, nout, split; Launch run; };  // the working tree's dense kernel
+struct DenseVariant { const char* name; const char* tag; int din, nout, split; Launch run; };  // a dense kernel

@@ -4,8 +4,9 @@ Each variant is the kernel sources of ``moedec.kernels.tensor_cores`` at a git r
 working tree) compiled the way MLX's ``cuda_kernel`` would (:func:`moedec.kernels.resources.kernel_source`)
 with nvcc for sm_90a, plus a launcher; ``main.cu`` times gate/up, down and both, back to back, for
 T = 1, 2, 4, 8, 16, against cudaMemcpy's and a copy kernel's bandwidth, side by side in one run; then
-the working tree's dense kernel (``DENSE_MMA``) on the synthetic model's dense shapes with each of
-:data:`SPLITS` warps per tile.
+the dense kernel (``DENSE_MMA``) on the synthetic model's dense shapes: the working tree's with each
+of :data:`SPLITS` warps per tile (``*``: the split ``dense_kernel`` picks), and each revision's with
+the split and shared memory its own ``dense_kernel`` picks.
 
     python examples/kernel_harness/build.py [--rev HEAD~1 ...] [--probe loads ...] [-o DIR]   # nvcc here
     DIR/harness 200 1                                                                         # on the GPU host
@@ -35,7 +36,7 @@ SHAPES = {  # C++ expressions over Args a, for the inputs whose shapes a kernel 
     "wg": ["a.E", "a.N", "a.D*a.bits/32"], "act": ["a.P+a.T", "a.N"], "wd": ["a.E", "a.D", "a.N*a.bits/32"],
     "res": ["1", "a.T", "a.D"],
 }
-DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "head": (4096, 32000)}  # din, nout
+DENSE_SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "mlp": (4096, 10944), "head": (4096, 32000)}  # din, nout
 SPLITS = (1, 2, 4, 8)  # warps per tile; dense._split picks among 4, 2 and 1
 
 
@@ -146,21 +147,69 @@ def launcher(name: str, fn: str, smem: int, blocks: str, args: list[str]) -> str
             f"  {fn}<<<{blocks}, {fused.THREADS}, {smem}, st>>>({', '.join(args)});\n}}\n")
 
 
-def dense_file() -> tuple[str, list[tuple[str, int, int, int]]]:
-    """The working tree's dense kernel for each of DENSE_SHAPES x SPLITS, with launchers, and the
-    (name, din, nout, split) of each."""
-    from moedec.kernels.dense import dense_kernel
+def dense_at(rev: str | None) -> tuple[str, str, object] | None:
+    """``DENSE_MMA``, its header and ``dense_kernel`` at ``rev`` (None: the working tree's; None back:
+    the revision has no ``kernels/dense_source.py``). A revision's ``kernels/dense.py`` runs as a module
+    of the installed package (its relative imports are the working tree's ``fused`` and the like); its
+    header is the working tree's with the revision's TENSOR_CORES."""
+    import importlib.util
 
+    from moedec.kernels import dense
+
+    head = fused.SIGNATURES["dense_mma"][3]
+    if rev is None:
+        return fused.SIGNATURES["dense_mma"][2], head, dense.dense_kernel
+    root = Path(tensor_cores.__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{rev}:kernels/dense_source.py"],
+                      capture_output=True).returncode:
+        return None
+    show = lambda f: subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/{f}"], capture_output=True, text=True,
+                                    check=True).stdout
+    ns: dict = {}
+    exec(compile(show("dense_source.py"), f"{rev}:dense_source.py", "exec"), ns)
+    spec = importlib.util.spec_from_loader(f"moedec.kernels._dense_at_{abs(hash(rev))}", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "moedec.kernels"
+    try:
+        exec(compile(show("dense.py"), f"{rev}:dense.py", "exec"), mod.__dict__)
+    except ImportError as e:
+        raise SystemExit(f"{rev}:kernels/dense.py does not import next to the working tree's kernels: {e}")
+    return ns["DENSE_MMA"], head.replace(tensor_cores.TENSOR_CORES, sources_at(rev).TENSOR_CORES), mod.dense_kernel
+
+
+def dense_file(revs: dict) -> tuple[str, list[tuple[str, str, int, int, int]]]:
+    """The dense kernel for each of DENSE_SHAPES: the working tree's with each of SPLITS, each of ``revs``'
+    (prefix -> revision) as that revision picks it; with launchers, and the (name, tag, din, nout, split)
+    of each."""
     parts, launchers, table = [], [], []
-    for shape, (din, nout) in DENSE_SHAPES.items():
-        for split in SPLITS:
-            template, smem = dense_kernel(mx.bfloat16, din, nout, GROUP, split)
-            name = f"dense_{shape}_s{dict(template)['SPLIT']}"
-            tu, args = kernel_tu("dense_mma", name, template, {"w": "uint32"})
-            parts.append(tu if not parts else body(tu))
-            tiles = fused.WARPS // dict(template)["SPLIT"]
-            launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, f"{-(-nout // (16 * tiles))}", args))
-            table.append((name, din, nout, dict(template)["SPLIT"]))
+    saved = dict(fused.SIGNATURES)
+    try:
+        for who, rev in {"work": None, **revs}.items():
+            found = dense_at(rev)
+            if found is None:
+                print(f"{who} ({rev}): no kernels/dense_source.py, no dense kernel timed")
+                continue
+            code, head, dense_kernel = found
+            inputs, outputs, _, _ = saved["dense_mma"]
+            fused.SIGNATURES["dense_mma"] = (inputs, outputs, code, head)
+            for shape, (din, nout) in DENSE_SHAPES.items():
+                picked = dict(dense_kernel(mx.bfloat16, din, nout, GROUP)[0])["SPLIT"]
+                for split in SPLITS if rev is None else (None,):
+                    template, smem = dense_kernel(mx.bfloat16, din, nout, GROUP, *([split] if split else []))
+                    s = dict(template)["SPLIT"]
+                    name, tag = f"dense_{shape}_{who}_s{s}", f"{who} s{s}{'*' if rev is None and s == picked else ''}"
+                    if any(n == name for n, *_ in table):
+                        continue  # a split that fell back to one already built
+                    tu, args = kernel_tu("dense_mma", name, template, {"w": "uint32"})
+                    parts.append(tu if not parts else body(tu))
+                    tiles = fused.WARPS // s
+                    launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, f"{-(-nout // (16 * tiles))}",
+                                              args))
+                    table.append((name, tag, din, nout, s))
+    finally:
+        fused.SIGNATURES.clear()
+        fused.SIGNATURES.update(saved)
+    table.sort(key=lambda r: list(DENSE_SHAPES.values()).index((r[2], r[3])))  # one shape after another
     return "\n".join(parts) + PRELUDE + "".join(launchers), table
 
 
@@ -180,7 +229,7 @@ def main() -> None:
         cu.write_text(variant(name, rev, probe))
         objs.append((name, cu, out / f"{name}.o"))
     names |= {p: f"probe {p}" for p in opts.probe}
-    dense_cu, dense = dense_file()
+    dense_cu, dense = dense_file({f"r{i}": rev for i, rev in enumerate(opts.rev)})
     (out / "dense.cu").write_text(dense_cu)
     objs.append(("dense", out / "dense.cu", out / "dense.o"))
     procs = [subprocess.Popen(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-c", str(cu), "-o", str(obj),
@@ -194,7 +243,7 @@ def main() -> None:
     decls = "\n".join([f'extern "C" void {n}_gate_up(const Args&, cudaStream_t); extern "C" void {n}_down(const Args&, cudaStream_t);'
                         for n in names] + [f'extern "C" void {n}(const Args&, cudaStream_t);' for n, *_ in dense])
     table = ",\n".join(f'  {{"{n}", {n}_gate_up, {n}_down}}' for n in names)
-    dtable = ",\n".join(f'  {{"{n}", {din}, {nout}, {split}, {n}}}' for n, din, nout, split in dense)
+    dtable = ",\n".join(f'  {{"{n}", "{tag}", {din}, {nout}, {split}, {n}}}' for n, tag, din, nout, split in dense)
     (out / "variants.inc").write_text(f"{decls}\nstatic Variant VARIANTS[] = {{\n{table}\n}};\n"
                                       f"static DenseVariant DENSE[] = {{\n{dtable}\n}};\n")
     subprocess.run(["nvcc", "-O3", "-std=c++17", "-arch=sm_90a", "-I", str(HERE), "-I", str(out), str(HERE / "main.cu"),

@@ -1,7 +1,8 @@
 // Times the fused expert kernels (gate/up, down) with CUDA events on synthetic GLM-shaped layers, no MLX:
 // 77 experts of 4096 -> 1536, 4-bit g64, bf16, top-8 (+ the shared expert), 8 layers cycled so no call
-// finds the last one's experts in L2; then the working tree's dense kernel on the model's dense shapes (8
-// weight copies cycled), one line per T with each split. Built by build.py; usage: harness [REPS]
+// finds the last one's experts in L2; then the dense kernel on the model's dense shapes (8 weight copies
+// cycled), one line per T: the working tree's with each split (*: the one it picks), each --rev's as that
+// revision picks it. Built by build.py; usage: harness [REPS]
 // [SHARED 0/1] [ONLY: a variant name's part; "dense": the dense kernel alone]. Each variant's output is
 // compared with the first variant's (max |dy| / max |y|).
 #include <cuda_runtime.h>
@@ -179,7 +180,7 @@ int main(int argc, char** argv) {
         for (int i = 0; i < reps; ++i) DENSE[v].run(ws[i % L], st);
         CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms, e0, e1));
         const double us = ms * 1e3 / reps;
-        printf("   split %d %6.1f us %5.1f %% (%.0e)", DENSE[v].split, us, 100.0 * bytes / (us * 1e-6) / 1e9 / bw, dy);
+        printf("   %-8s %6.1f us %5.1f %% (%.0e)", DENSE[v].tag, us, 100.0 * bytes / (us * 1e-6) / 1e9 / bw, dy);
       }
       printf("\n");
     }
