@@ -67,7 +67,10 @@ def dense_kernel(x_dtype, din: int, nout: int, group: int, split: Optional[int] 
     if not ks:
         return [], 0
     slices = din // ks
-    split = _split(slices, nout) if split is None else next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
+    if split is None:
+        split = _split(slices, nout)
+    else:  # as asked, or the next that divides the slices
+        split = next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
     stages, smem = _stages(8 * ks + ks * x_dtype.size, DENSE_STAGES)
     ring = stages * WARPS * (8 * ks + ks * x_dtype.size)
     xt = next((t for t in (X_TOKENS, 2, 1) if ring + t * din * x_dtype.size <= X_SMEM), 0) if smem else 0

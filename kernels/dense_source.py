@@ -46,7 +46,7 @@ _PROLOGUE = r"""
 
 # Up to XT tokens' inputs copied into shared memory before any weight slice is queued: the copies then
 # do not wait behind the ring's in the SM's queue, and the slices read x from shared memory (an H200,
-# docs/benchmarks.md: the o projection 7.3 -> 6.4 us at T=1). More tokens read x where it is.
+# docs/benchmarks.md: the o projection 7.3 -> 6.7 us at T=1). More tokens read x where it is.
 _X_FIRST = r"""
   X* xsm = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN] when T <= XT
   const bool xin = T <= XT;
