@@ -8,7 +8,9 @@
    experts, GB/s and % of copy bandwidth, time(T)/time(1) against U(T)/U(1), and the max difference;
 3. where one T=1 decode step's time goes: Python graph building, MLX's encoding of the ops, and the
    rest (the GPU finishing), stock vs fused, and for the compiled step (the default) the compiled
-   call, the encoding, the rest, and pipelined steps per token;
+   call, the encoding, the rest, and pipelined steps per token; then the GPU time per decode token of
+   mlx-lm's step and of the default, the host's share taken out, and their quotient (the speed-up
+   where both are GPU-bound: what end to end reaches on a fast enough host);
 4. end to end: greedy decode tok/s with mlx-lm's ``generate_step`` (stock model), moedec ``single``
    with ``--kernel stock``, ``--kernel fused`` (both ``--no-compile-step``), and fused with the
    compiled step (moedec's default on CUDA), interleaved rounds (medians, and the default's ratio to
@@ -63,23 +65,64 @@ def timed(fn, reps: int) -> float:
 
 def gpu_timed(fn, reps: int, spin_ms: float = 40.0) -> float:
     """GPU seconds per call of ``fn`` in steady state, without the host's share: the calls are queued
-    behind a ``spin_ms`` busy kernel (long enough for the host to build and encode them all), and the
-    spin alone is timed the same way and subtracted (medians of 3)."""
+    behind a ``spin_ms`` busy kernel, and the spin alone is timed the same way and subtracted (medians
+    of 3). Where the host took longer to build and queue the calls than the spin lasted, the spin is
+    doubled and the timing taken again (up to 4 times), so the host's share does not leak in."""
     if kernels.device_backend() != "cuda":
         return timed(fn, reps)
-    ns = int(spin_ms * 1e6)
+    queued = []  # seconds from the spin's start until the calls were queued, per run
 
-    def run(calls: int) -> float:
+    def run(calls: int, ns: int) -> float:
         t = time.perf_counter()
         mx.async_eval(ops.spin(ns))
-        mx.eval([fn() for _ in range(calls)])
+        mx.async_eval([fn() for _ in range(calls)])
+        queued.append(time.perf_counter() - t)
         mx.synchronize()
         return time.perf_counter() - t
 
     timed(fn, reps)  # warm: compiled, CUDA graphs cached
-    run(0), run(reps)
-    alone = statistics.median(run(0) for _ in range(3))
-    return max(statistics.median(run(reps) for _ in range(3)) - alone, 0.0) / reps
+    for _ in range(4):
+        ns = int(spin_ms * 1e6)
+        run(0, ns), run(reps, ns)
+        alone = statistics.median(run(0, ns) for _ in range(3))
+        queued.clear()
+        took = statistics.median(run(reps, ns) for _ in range(3))
+        if max(queued) < 0.8 * spin_ms / 1e3:
+            break
+        spin_ms *= 2
+    return max(took - alone, 0.0) / reps
+
+
+def gpu_per_token(model, reps: int = 16, kernel: str = "fused") -> dict:
+    """GPU µs per decode token, the host's share taken out (tokens queued behind a busy kernel): mlx-lm's
+    step on the stock model (the graph of its ``generate_step``: forward, log-softmax, argmax) and the
+    compiled ``kernel`` step (fused: the default), each on a warm 32-token cache, each token fed from the last.
+    Their quotient is the default's speed-up where both are GPU-bound (a fast enough host); a run's
+    tok/s below 1e6 / these figures is the host's share."""
+    cache = _prefilled(model, "stock")
+    y = mx.array([5], dtype=mx.uint32)
+
+    def mlx_lm_step():
+        nonlocal y
+        logits = model(y[None], cache=cache)[:, -1, :]  # [1, V]
+        y = mx.argmax(logits - mx.logsumexp(logits, keepdims=True), axis=-1)  # [1]
+        return y
+
+    stock = gpu_timed(mlx_lm_step, reps, spin_ms=8.0 * reps)  # ~5 ms of host per token on a slow host
+    steps = CompiledSteps(model, _prefilled(model, kernel))
+    z = mx.array([[5]], dtype=mx.uint32)
+
+    def compiled_step():
+        nonlocal z
+        z = mx.argmax(steps(z), axis=-1).reshape(1, 1)  # [1, 1]
+        return z
+
+    try:
+        default = gpu_timed(compiled_step, reps, spin_ms=4.0 * reps)
+    finally:
+        steps.write_back()
+        kernels.patch(model, "stock")
+    return {"mlx_lm_gpu_us": stock * 1e6, "compiled_gpu_us": default * 1e6, "gpu_bound_ratio": stock / default}
 
 
 def copy_bandwidth() -> tuple[float, float]:
@@ -321,6 +364,9 @@ def main() -> None:
     out["step"]["fused_compiled"] = compiled_step_profile(model)
     for k, v in out["step"].items():
         print(f"T=1 step, {k}: " + ", ".join(f"{n} {x:.0f}" for n, x in v.items()), flush=True)
+    g = out["gpu_per_token"] = gpu_per_token(model)
+    print(f"GPU time per decode token (host excluded): mlx-lm {g['mlx_lm_gpu_us']:.0f} us, fused + compiled step "
+          f"{g['compiled_gpu_us']:.0f} us: {g['gpu_bound_ratio']:.2f}x where both are GPU-bound", flush=True)
     if not args.skip_e2e:
         print("end to end (decode tok/s, median of rounds):")
         out["e2e"] = e2e_bench(model, args.tokens, args.rounds)

@@ -269,8 +269,7 @@ def test_cli_batch_sizes(prompts_file):
     assert [row["batch_size"] for row in data["rows"]] == [1, 2] and data["rows"][0]["ratio_vs_b1"] == pytest.approx(1.0)
 
 
-def test_bench_kernel_ratios_pair_each_round():
-    """examples/bench_kernel.py's round-by-round ratio divides the two figures of one round."""
+def _bench_kernel():
     import importlib.util
     from pathlib import Path
 
@@ -278,8 +277,48 @@ def test_bench_kernel_ratios_pair_each_round():
     spec = importlib.util.spec_from_file_location("bench_kernel", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_kernel_ratios_pair_each_round():
+    """examples/bench_kernel.py's round-by-round ratio divides the two figures of one round."""
+    bench = _bench_kernel()
     got = bench.paired_ratios([900.0, 600.0, 1000.0], [300.0, 400.0, 250.0])
     assert got["per_round"] == [3.0, 1.5, 4.0]
     assert (got["median"], got["min"], got["max"]) == (3.0, 1.5, 4.0)
     with pytest.raises(ValueError):
         bench.paired_ratios([1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("host_ms,spins", [(2.0, [1000, 2000, 4000, 8000]), (0.0, [400_000_000])])
+def test_bench_kernel_gpu_timing_outlasts_the_host(monkeypatch, host_ms, spins):
+    """bench_kernel.gpu_timed doubles its busy kernel while the host took longer to queue the calls than
+    it lasted (up to 4 times), so the host's share does not leak into a GPU time; a long enough one is
+    kept. (The backend and the busy kernel are stand-ins here: this is the timing's logic, on CPU.)"""
+    import time
+
+    import mlx.core as mx
+
+    bench = _bench_kernel()
+    asked = []
+    monkeypatch.setattr(bench.kernels, "device_backend", lambda: "cuda")
+    monkeypatch.setattr(bench.ops, "spin", lambda ns: (asked.append(ns), mx.zeros(1))[1])
+
+    def call():
+        time.sleep(host_ms / 1e3)
+        return mx.zeros(1)
+
+    assert bench.gpu_timed(call, 3, spin_ms=spins[0] / 1e6) >= 0.0
+    assert sorted(set(asked)) == spins
+
+
+def test_bench_kernel_gpu_per_token_times_both_steps():
+    """bench_kernel.gpu_per_token times mlx-lm's step and the compiled step on one model and gives
+    their quotient (on CPU: the stock kernel, plain timings)."""
+    from moedec.synthetic import synthetic_glm
+
+    bench = _bench_kernel()
+    model = synthetic_glm(scale=0.05, num_hidden_layers=2)
+    got = bench.gpu_per_token(model, reps=2, kernel="stock")
+    assert got["mlx_lm_gpu_us"] > 0 and got["compiled_gpu_us"] > 0
+    assert got["gpu_bound_ratio"] == pytest.approx(got["mlx_lm_gpu_us"] / got["compiled_gpu_us"])
