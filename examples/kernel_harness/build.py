@@ -163,8 +163,10 @@ def dense_at(rev: str | None) -> tuple[str, str, object] | None:
     if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{rev}:kernels/dense_source.py"],
                       capture_output=True).returncode:
         return None
-    show = lambda f: subprocess.run(["git", "-C", str(root), "show", f"{rev}:kernels/{f}"], capture_output=True, text=True,
-                                    check=True).stdout
+    def show(f: str) -> str:
+        git = ["git", "-C", str(root), "show", f"{rev}:kernels/{f}"]
+        return subprocess.run(git, capture_output=True, text=True, check=True).stdout
+
     ns: dict = {}
     exec(compile(show("dense_source.py"), f"{rev}:dense_source.py", "exec"), ns)
     spec = importlib.util.spec_from_loader(f"moedec.kernels._dense_at_{abs(hash(rev))}", loader=None)
@@ -202,9 +204,8 @@ def dense_file(revs: dict) -> tuple[str, list[tuple[str, str, int, int, int]]]:
                         continue  # a split that fell back to one already built
                     tu, args = kernel_tu("dense_mma", name, template, {"w": "uint32"})
                     parts.append(tu if not parts else body(tu))
-                    tiles = fused.WARPS // s
-                    launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, f"{-(-nout // (16 * tiles))}",
-                                              args))
+                    blocks = -(-nout // (16 * (fused.WARPS // s)))
+                    launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, str(blocks), args))
                     table.append((name, tag, din, nout, s))
     finally:
         fused.SIGNATURES.clear()
