@@ -20,6 +20,7 @@ binary links the CUDA runtime statically, so the GPU host needs only a driver.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import types
@@ -101,11 +102,21 @@ def kernel_tu(name: str, prefix: str, template: list, dtypes: dict | None = None
     return tu, args
 
 
+@contextlib.contextmanager
+def kept_signatures():
+    """``fused.SIGNATURES`` as it was before the block, whatever kernel sources the block swapped in."""
+    saved = dict(fused.SIGNATURES)
+    try:
+        yield saved
+    finally:
+        fused.SIGNATURES.clear()
+        fused.SIGNATURES.update(saved)
+
+
 def variant(prefix: str, rev: str | None, probe: str | None = None) -> str:
     """One variant's .cu: both kernels of ``rev``'s sources (with ``probe``'s changes) and their launchers."""
     src, now = sources_at(rev, probe), sources_at(None)
-    saved = dict(fused.SIGNATURES)
-    try:
+    with kept_signatures():
         for name, code in (("gate_up_mma", src.GATE_UP_MMA), ("down_mma", src.DOWN_MMA)):
             i, o, _, head = fused.SIGNATURES[name]
             fused.SIGNATURES[name] = (i, o, code, head.replace(now.TENSOR_CORES, src.TENSOR_CORES).replace(now.SLOTS, src.SLOTS))
@@ -116,9 +127,6 @@ def variant(prefix: str, rev: str | None, probe: str | None = None) -> str:
             raise SystemExit("these shapes do not take the tensor-core kernels")
         gate_ups = {t: kernel_tu(e.gate_up_name, f"{prefix}{t}", e.gate_up) for t, e in rings.items()}
         tu2, a2 = kernel_tu(ek.down_name, prefix, ek.down)
-    finally:
-        fused.SIGNATURES.clear()
-        fused.SIGNATURES.update(saved)
     tus = [tu for tu, _ in gate_ups.values()]
     code = tus[0] + "".join("\n" + body(tu) for tu in tus[1:]) + "\n" + body(tu2) + PRELUDE
     for t, (_, args) in gate_ups.items():
@@ -184,8 +192,7 @@ def dense_file(revs: dict) -> tuple[str, list[tuple[str, str, int, int, int]]]:
     (prefix -> revision) as that revision picks it; with launchers, and the (name, tag, din, nout, split)
     of each."""
     parts, launchers, table = [], [], []
-    saved = dict(fused.SIGNATURES)
-    try:
+    with kept_signatures() as saved:
         for who, rev in {"work": None, **revs}.items():
             found = dense_at(rev)
             if found is None:
@@ -207,9 +214,6 @@ def dense_file(revs: dict) -> tuple[str, list[tuple[str, str, int, int, int]]]:
                     blocks = -(-nout // (16 * (fused.WARPS // s)))
                     launchers.append(launcher(name, f"mlx::core::cu::{name}_dense_mma", smem, str(blocks), args))
                     table.append((name, tag, din, nout, s))
-    finally:
-        fused.SIGNATURES.clear()
-        fused.SIGNATURES.update(saved)
     table.sort(key=lambda r: list(DENSE_SHAPES.values()).index((r[2], r[3])))  # one shape after another
     return "\n".join(parts) + PRELUDE + "".join(launchers), table
 
