@@ -71,8 +71,9 @@ def dense_kernel(x_dtype, din: int, nout: int, group: int, split: Optional[int] 
         split = _split(slices, nout)
     else:  # as asked, or the next that divides the slices
         split = next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
-    stages, smem = _stages(8 * ks + ks * x_dtype.size, DENSE_STAGES)
-    ring = stages * WARPS * (8 * ks + ks * x_dtype.size)
+    stage = 8 * ks + ks * x_dtype.size  # 16 packed rows of ks inputs, their scales and biases (MStage)
+    stages, smem = _stages(stage, DENSE_STAGES)
+    ring = stages * WARPS * stage
     xt = next((t for t in (X_TOKENS, 2, 1) if ring + t * din * x_dtype.size <= X_SMEM), 0) if smem else 0
     return ([("X", x_dtype), ("S", x_dtype), ("DIN", din), ("NOUT", nout), ("GROUP", group), ("KS", ks),
              ("STAGES", stages), ("SPLIT", split), ("XT", xt)], smem and max(ring + xt * din * x_dtype.size, OPT_IN))
