@@ -336,6 +336,29 @@ def paired_ratios(ours: list, theirs: list) -> dict:
     return {"per_round": per, "median": statistics.median(per), "min": min(per), "max": max(per)}
 
 
+def acceptance(out: dict) -> list[tuple[str, str, bool | None]]:
+    """Issue 7's three speed criteria from one run's figures: (criterion, figures, met), ``None`` where
+    the run has no figure for it (no T=8 row, ``--skip-e2e``)."""
+    rows = {r["T"]: r for r in out["layer"]}
+    one, eight = rows.get(1), rows.get(8)
+    got = [("1: T=1 fused experts >= 50 % of the copy bandwidth",
+            f"{one['experts_fused_pct_copy_bw']:.1f} % ({one['experts_fused_us']:.1f} us)" if one else "no T=1 row",
+            one["experts_fused_pct_copy_bw"] >= 50.0 if one else None)]
+    if one and eight:
+        t, u = eight["experts_fused_time_ratio"], eight["union_ratio"]
+        got.append(("2: t(8)/t(1) <= 1.2 x U(8)/U(1)", f"{t:.2f} against {1.2 * u:.2f} (U(8)/U(1) {u:.2f})", t <= 1.2 * u))
+    else:
+        got.append(("2: t(8)/t(1) <= 1.2 x U(8)/U(1)", "no T=1 and T=8 rows", None))
+    e2e = out.get("e2e")
+    if e2e:
+        by = e2e["fused_compiled_vs_mlx_lm_by_round"]
+        got.append(("3: end to end >= 3x mlx-lm", f"{by['median']:.2f}x (median of rounds; lowest {by['min']:.2f}x; "
+                    f"{e2e['moedec_fused_compiled']:.0f} vs {e2e['mlx_lm']:.0f} tok/s)", by["median"] >= 3.0))
+    else:
+        got.append(("3: end to end >= 3x mlx-lm", "not measured (--skip-e2e)", None))
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0)
@@ -374,6 +397,9 @@ def main() -> None:
         by = out["e2e"]["fused_compiled_vs_mlx_lm_by_round"]
         print(f"fused + compiled step vs mlx-lm, round by round: {', '.join(f'{r:.2f}x' for r in by['per_round'])} "
               f"(median {by['median']:.2f}x)")
+    print("acceptance (issue 7), this run:")
+    for what, figures, met in acceptance(out):
+        print(f"  {what}: {figures}: {'met' if met else 'not met' if met is False else 'no figure'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -322,3 +322,21 @@ def test_bench_kernel_gpu_per_token_times_both_steps():
     got = bench.gpu_per_token(model, reps=2, kernel="stock")
     assert got["mlx_lm_gpu_us"] > 0 and got["compiled_gpu_us"] > 0
     assert got["gpu_bound_ratio"] == pytest.approx(got["mlx_lm_gpu_us"] / got["compiled_gpu_us"])
+
+
+def test_bench_kernel_acceptance_reads_one_runs_figures():
+    """bench_kernel.acceptance judges issue 7's three criteria from the figures one run printed, and says
+    where the run has none."""
+    bench = _bench_kernel()
+    layer = [{"T": 1, "experts_fused_pct_copy_bw": 53.5, "experts_fused_us": 34.9, "union_ratio": 1.0,
+              "experts_fused_time_ratio": 1.0},
+             {"T": 8, "experts_fused_pct_copy_bw": 53.3, "experts_fused_us": 192.7, "union_ratio": 5.5,
+              "experts_fused_time_ratio": 6.7}]
+    e2e = {"mlx_lm": 267.7, "moedec_fused_compiled": 1068.2,
+           "fused_compiled_vs_mlx_lm_by_round": bench.paired_ratios([1068.2, 1119.2, 767.3], [267.7, 327.5, 214.3])}
+    got = bench.acceptance({"layer": layer, "e2e": e2e})
+    assert [met for *_, met in got] == [True, False, True]  # 6.7 > 1.2 x 5.5 = 6.6
+    assert "53.5 %" in got[0][1] and "6.70 against 6.60" in got[1][1] and "3.58x" in got[2][1]
+    layer[0]["experts_fused_pct_copy_bw"] = 49.9
+    got = bench.acceptance({"layer": layer[:1]})
+    assert [met for *_, met in got] == [False, None, None]
