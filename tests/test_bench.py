@@ -340,3 +340,16 @@ def test_bench_kernel_acceptance_reads_one_runs_figures():
     layer[0]["experts_fused_pct_copy_bw"] = 49.9
     got = bench.acceptance({"layer": layer[:1]})
     assert [met for *_, met in got] == [False, None, None]
+
+
+def test_bench_kernel_copies_are_chained():
+    """bench_kernel.chained feeds each call the previous call's output, so timed copies run one after
+    another instead of sharing their source's reads."""
+    import mlx.core as mx
+
+    bench = _bench_kernel()
+    seen = []
+    call = bench.chained(lambda y: (seen.append(y), y + 1)[1], mx.zeros(3))
+    outs = [call() for _ in range(3)]
+    assert [float(o[0]) for o in outs] == [1.0, 2.0, 3.0]
+    assert seen[1] is outs[0] and seen[2] is outs[1]
