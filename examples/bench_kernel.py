@@ -378,7 +378,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=36)
+    ap.add_argument("--reps", type=int, default=96, help="calls per GPU timing of a layer (more: steadier T=1 figures)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--cuda-cores", action="store_true", help="4-bit experts on the CUDA-core kernels too")
     ap.add_argument("--json")
