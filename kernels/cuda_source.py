@@ -145,6 +145,15 @@ __device__ __forceinline__ int early_expert(const I* inds, int K, int u, bool sh
 template <typename I>
 __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (P == K && K <= 32) {  // one token (decode): its K experts, if distinct (a top-k), are slots 0..K-1
+    const int e = lane < K ? (int)inds[lane] : -1 - lane;  // lanes past K: a value no other lane has
+    if (!__any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1)) {  // the same answer in every warp
+      if (tid < K) { s.e[tid] = s.expert[tid] = e; s.tok[tid] = 0; s.cnt[tid] = 1; s.start[tid] = s.list[tid] = tid; }
+      if (tid == 0) { s.n = K; s.cnt[K] = 0; }
+      __syncthreads();
+      return;
+    }
+  }
   for (int i = tid; i < E; i += THREADS) s.first[i] = MAXP;
   for (int i = tid; i <= MAXP; i += THREADS) s.cnt[i] = 0;
   const int e = tid < P ? (int)inds[tid] : -1;

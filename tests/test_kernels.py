@@ -223,6 +223,27 @@ def test_fused_token_results_do_not_depend_on_the_other_tokens(n):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [768, 384])  # tensor cores, CUDA cores
+def test_fused_single_token_slots_with_and_without_repeats(n):
+    """A one-token forward's slot table (distinct experts: slot k is pair k; an expert twice: the
+    general build) gives SwitchGLU's pairs and, for distinct experts, the same bits as that token
+    among others."""
+    from moedec.kernels.fused import fused_moe, fused_switch_glu
+
+    sw = make_switch(d=512, n=n, e=16, bits=4, group=64, dtype=mx.bfloat16)
+    x = (mx.random.normal((1, 2, 512), key=mx.random.key(5)) * 0.5).astype(mx.bfloat16)
+    scores = mx.array([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]], mx.float32)
+    for row in ([9, 2, 14, 5], [3, 7, 3, 3]):
+        idx = mx.array([[row, [2, 0, 9, 11]]], mx.uint32)
+        ref = SwitchGLU.__call__(sw, x[:, :1], idx[:, :1]).astype(mx.float32)  # [1, 1, K, D]
+        err = float(mx.abs(fused_switch_glu(sw, x[:, :1], idx[:, :1]).astype(mx.float32) - ref).max())
+        assert err <= 2e-2 * float(mx.abs(ref).max()) + 1e-3, (row, err)
+        one = fused_moe(sw, x[:, :1], idx[:, :1], scores[:, :1])
+        assert mx.array_equal(one[0, 0], fused_moe(sw, x, idx, scores)[0, 0]).item(), row
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (4, 2)])
 def test_fused_router_is_a_top_k_of_the_gate(n_group, topk_group):
     """Same experts as mlx-lm's gate up to near-ties, and weights that are exactly the normalised,
