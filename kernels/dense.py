@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .fused import (GATE_UP_BLOCKS, MAX_TOKENS, OPT_IN, SMEM_BUDGET, SUPPORTED_GROUPS, THREADS, WARPS, _kernel,
-                    _mma_slice, _plan, _scalar, _stages, refresh)
+                    _mma_slice, _plan, _scalar, _stages, mma_stage, refresh)
 from .patching import set_call
 
 DENSE_SLICE, DENSE_STAGES = 256, 2  # inputs per ring stage, stages per warp
@@ -71,7 +71,7 @@ def dense_kernel(x_dtype, din: int, nout: int, group: int, split: Optional[int] 
         split = _split(slices, nout)
     else:  # as asked, or the next that divides the slices
         split = next(s for s in (split, 8, 4, 2, 1) if s <= WARPS and slices % s == 0)
-    stage = 8 * ks + ks * x_dtype.size  # 16 packed rows of ks inputs, their scales and biases (MStage)
+    stage = mma_stage(ks, x_dtype.size)
     stages, smem = _stages(stage, DENSE_STAGES)
     ring = stages * WARPS * stage
     xt = next((t for t in (X_TOKENS, 2, 1) if ring + t * din * x_dtype.size <= X_SMEM), 0) if smem else 0
@@ -112,7 +112,7 @@ def _with_tokens(x_dtype, din: int, nout: int, group: int, tokens: int) -> tuple
     if not smem:
         return [], 0
     t = dict(template)
-    ring = t["STAGES"] * WARPS * (8 * t["KS"] + t["KS"] * x_dtype.size)  # as dense_kernel sized it
+    ring = t["STAGES"] * WARPS * mma_stage(t["KS"], x_dtype.size)  # as dense_kernel sized it
     smem = max(ring + tokens * din * x_dtype.size, OPT_IN)
     return (template, smem) if smem <= SMEM_BUDGET else ([], 0)
 

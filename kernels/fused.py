@@ -194,6 +194,12 @@ class ExpertKernels:
 OPT_IN = 48 * 1024 + 16
 
 
+def mma_stage(ks: int, scale_bytes: int) -> int:
+    """Bytes of one ring stage of the tensor-core kernels (``MStage``): 16 packed 4-bit rows of ``ks``
+    inputs, and their scales and biases (``ks / 32`` of each per row, ``scale_bytes`` each)."""
+    return 8 * ks + ks * scale_bytes
+
+
 def _stages(stage: int, most: int) -> tuple[int, int]:
     """(stages, dynamic shared memory bytes) of a block's rings: WARPS warps of up to ``most``
     stages of ``stage`` bytes within SMEM_BUDGET; 0 bytes when not even one stage fits."""
@@ -228,7 +234,7 @@ def _expert_kernels(x_dtype, scales_dtype, bits: int, d: int, n: int, group: int
     base = [("X", x_dtype), ("S", scales_dtype)]
     gks, dks = _mma_slice(d, gate_up_ring[0], group, sb), _mma_slice(n, DOWN_SLICE, group, sb)
     if TENSOR_CORES and bits == 4 and x_dtype in (mx.bfloat16, mx.float16) and gks and dks and d % ROWS == 0:
-        (gs, gb), (ds, db) = _stages(8 * gks + gks * sb, gate_up_ring[1]), _stages(8 * dks + dks * sb, DOWN_STAGES)
+        (gs, gb), (ds, db) = _stages(mma_stage(gks, sb), gate_up_ring[1]), _stages(mma_stage(dks, sb), DOWN_STAGES)
         return ExpertKernels(
             "gate_up_mma", base + [("DIN", d), ("NOUT", n), ("GROUP", group), ("KS", gks), ("STAGES", gs)], gb,
             "down_mma", base + [("DIN", n), ("NOUT", d), ("GROUP", group), ("KS", dks), ("STAGES", ds), ("ROWS", ROWS)],
