@@ -45,9 +45,9 @@ def distributions(draw, vocab: int, zeros: bool = True):
 
 
 @hs.composite
-def pairs(draw):
+def pairs(draw, zeros: bool = True):
     vocab = draw(hs.integers(2, 6))
-    return draw(distributions(vocab)), draw(distributions(vocab))
+    return draw(distributions(vocab, zeros)), draw(distributions(vocab, zeros))
 
 
 @settings(max_examples=300, deadline=None)
@@ -104,7 +104,7 @@ def test_accepting_always_is_caught(pq):
 
 
 @settings(max_examples=100, deadline=None)
-@given(pq=pairs())
+@given(pq=pairs(zeros=False))  # with exact zeros most pairs barely overlap and the filter below drops them
 def test_resampling_from_p_instead_of_the_residual_is_caught(pq):
     p, q = pq
     # the wrong rule emits min(p, q) + TV(p, q) p: it is right only when min(p, q) is proportional to p
