@@ -225,9 +225,8 @@ def test_fused_token_results_do_not_depend_on_the_other_tokens(n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [768, 384])  # tensor cores, CUDA cores
 def test_fused_single_token_slots_with_and_without_repeats(n):
-    """A one-token forward's slot table (distinct experts: slot k is pair k; an expert twice: the
-    general build) gives SwitchGLU's pairs and, for distinct experts, the same bits as that token
-    among others."""
+    """A one-token forward's slot table (distinct experts: slot k is pair k; an expert more than once:
+    the general build) gives SwitchGLU's pairs, and the same bits as that token beside another."""
     from moedec.kernels.fused import fused_moe, fused_switch_glu
 
     sw = make_switch(d=512, n=n, e=16, bits=4, group=64, dtype=mx.bfloat16)
