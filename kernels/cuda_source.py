@@ -127,17 +127,25 @@ struct Slots {
   int n;                // slots: distinct experts
 };
 
+// Token 0's experts (K <= 32 of them count), lane l's in e (lanes past K: a value no other lane has):
+// true when they are distinct (a top-k). Warp-uniform.
+template <typename I>
+__device__ __forceinline__ bool distinct_first(const I* inds, int K, int& e) {
+  const int lane = threadIdx.x & 31;
+  e = lane < K ? (int)inds[lane] : -1 - lane;
+  return !__any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1);
+}
+
 // The expert of slot u, known before build_slots when token 0's K experts are distinct: slots 0..K-1
 // are those (build_slots numbers slots in pair order), and in a one-token forward with the shared
 // expert fused (shared_one), slot K is the shared expert's: SHARED_SLOT. Else -1. Warp-uniform.
 constexpr int SHARED_SLOT = -2;
 template <typename I>
 __device__ __forceinline__ int early_expert(const I* inds, int K, int u, bool shared_one) {
-  const int lane = threadIdx.x & 31;
-  const int e = lane < K ? (int)inds[lane] : -1 - lane;  // lanes past K: a value no other lane has
-  const bool repeats = __any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1);
+  int e;
+  const bool distinct = distinct_first(inds, K, e);
   const int eu = __shfl_sync(FULL, e, u & 31);
-  if (K > 32 || repeats) return -1;
+  if (K > 32 || !distinct) return -1;
   return u < K ? eu : u == K && shared_one ? SHARED_SLOT : -1;
 }
 
@@ -145,14 +153,12 @@ __device__ __forceinline__ int early_expert(const I* inds, int K, int u, bool sh
 template <typename I>
 __device__ void build_slots(const I* inds, int P, int K, int E, Slots& s) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (P == K && K <= 32) {  // one token (decode): its K experts, if distinct (a top-k), are slots 0..K-1
-    const int e = lane < K ? (int)inds[lane] : -1 - lane;  // lanes past K: a value no other lane has
-    if (!__any_sync(FULL, __popc(__match_any_sync(FULL, e)) > 1)) {  // the same answer in every warp
-      if (tid < K) { s.e[tid] = s.expert[tid] = e; s.tok[tid] = 0; s.cnt[tid] = 1; s.start[tid] = s.list[tid] = tid; }
-      if (tid == 0) { s.n = K; s.cnt[K] = 0; }
-      __syncthreads();
-      return;
-    }
+  int e1;
+  if (P == K && K <= 32 && distinct_first(inds, K, e1)) {  // one token (decode), distinct experts: slots 0..K-1
+    if (tid < K) { s.e[tid] = s.expert[tid] = e1; s.tok[tid] = 0; s.cnt[tid] = 1; s.start[tid] = s.list[tid] = tid; }
+    if (tid == 0) { s.n = K; s.cnt[K] = 0; }
+    __syncthreads();
+    return;
   }
   for (int i = tid; i < E; i += THREADS) s.first[i] = MAXP;
   for (int i = tid; i <= MAXP; i += THREADS) s.cnt[i] = 0;
