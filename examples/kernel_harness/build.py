@@ -42,7 +42,9 @@ SPLITS = (1, 2, 4, 8)  # warps per tile; dense._split picks among 4, 2 and 1
 
 
 # Probes: the working tree's expert kernels with a part taken out or changed, to see what bounds them
-# (their outputs are wrong). "empty": no work items (launch, slot table, epilogue); "loads": every
+# (their outputs are wrong). "empty": no work items (launch, slot table, epilogue; but a kernel this
+# short times the host's launch rate here: one with no code at all took as long, 4.4-5.5 us on an
+# H200, so read its start from ncu's PM sampling instead); "loads": every
 # slice streams through the ring but no MMA or fold runs; "contiguous": "loads" with each slice of a
 # half tile (8 rows) read as one contiguous run instead of 8 row pieces (the same bytes of the same
 # items, in another order: does the order of the row pieces cost DRAM efficiency?).
