@@ -47,14 +47,17 @@ _PROLOGUE = r"""
 # Up to XT tokens' inputs copied into shared memory before any weight slice is queued: the copies then
 # do not wait behind the ring's in the SM's queue, and the slices read x from shared memory (an H200,
 # docs/benchmarks.md: the o projection 7.3 -> 6.7 us at T=1). More tokens read x where it is.
-_X_FIRST = r"""
-  X* xsm = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN] when T <= XT
+_X_SMEM = r"""
+  X* xsm = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN], after the ring
+"""
+_X_FIRST = _X_SMEM + r"""
   const bool xin = T <= XT;
   if (xin) {
     for (int i = threadIdx.x; i < T * (DIN / 8); i += moedec::THREADS) moedec::cp16(xsm + i * 8, x + i * 8);
     moedec::cp_commit();
   }
 """
+# The wait for those copies (xin: the inputs are in shared memory), and xs.
 _X_WAIT = r"""
   if (xin) {
     moedec::cp_wait<STAGES - 1>();  // the inputs' copies: the oldest group
@@ -150,22 +153,18 @@ _NORM = r"""
 # Rows of DX inputs where DX is not a whole number of slices (GLM-4.5's dense MLP: 10944): the weights
 # are a copy padded with zero words, scales and biases to DIN inputs (dense.padded_plan), and each block
 # copies the T <= NT tokens' inputs into shared memory first, as _X_FIRST does, with zeros past DX (a
-# zero weight times a zero input adds exactly nothing). Inputs as DENSE_MMA; x [T, DX] (DX % 8 == 0).
-_PAD = r"""
-  X* xp = reinterpret_cast<X*>(ring_bytes + sizeof(St) * STAGES * moedec::WARPS);  // [T, DIN]
+# zero weight times a zero input adds exactly nothing), and waits for them with _X_WAIT. Inputs as
+# DENSE_MMA; x [T, DX] (DX % 8 == 0).
+_PAD = _X_SMEM + r"""
+  constexpr bool xin = true;
   for (int i = threadIdx.x; i < T * (DIN / 8); i += moedec::THREADS) {
     const int t = i / (DIN / 8), k = i % (DIN / 8) * 8;
-    if (k < DX) moedec::cp16(xp + (size_t)t * DIN + k, x + (size_t)t * DX + k);
-    else *reinterpret_cast<uint4*>(xp + (size_t)t * DIN + k) = make_uint4(0u, 0u, 0u, 0u);
+    if (k < DX) moedec::cp16(xsm + (size_t)t * DIN + k, x + (size_t)t * DX + k);
+    else *reinterpret_cast<uint4*>(xsm + (size_t)t * DIN + k) = make_uint4(0u, 0u, 0u, 0u);
   }
   moedec::cp_commit();
 """
-_PAD_WAIT = r"""
-  moedec::cp_wait<STAGES - 1>();  // the inputs' copies: the oldest group
-  __syncthreads();
-  const X* xs = xp;
-"""
 
 DENSE_MMA = _SETUP + _X_FIRST + _PROLOGUE + _X_WAIT + _TAIL
-DENSE_PAD_MMA = _SETUP + _PAD + _PROLOGUE + _PAD_WAIT + _TAIL
+DENSE_PAD_MMA = _SETUP + _PAD + _PROLOGUE + _X_WAIT + _TAIL
 DENSE_NORM_MMA = _SETUP + _PROLOGUE + _NORM + _TAIL
